@@ -1,0 +1,11 @@
+"""myllm: model surgery for decoder-only LLMs.
+
+Importing myllm registers its blocks and (once the model package exists) the ``myllm`` model type with
+transformers' Auto classes; it changes nothing else in transformers.
+"""
+
+from myllm import blocks
+
+__version__ = "0.1.0"
+
+__all__ = ["blocks", "__version__"]

@@ -1,0 +1,3 @@
+from myllm.cli import main
+
+raise SystemExit(main())

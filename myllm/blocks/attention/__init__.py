@@ -1,0 +1,5 @@
+"""Attention blocks: ``eager`` and ``sdpa`` GQA attention (MoBA and MLA are added by their own modules)."""
+
+from myllm.blocks.attention.base import Attention, AttentionConfig, EagerAttention, SdpaAttention
+
+__all__ = ["Attention", "AttentionConfig", "EagerAttention", "SdpaAttention"]

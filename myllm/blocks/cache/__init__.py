@@ -1,0 +1,5 @@
+"""Cache blocks: ``dynamic`` and ``static`` (transformers' own cache classes), picked by name from the registry."""
+
+from myllm.blocks.cache.kv import build_dynamic_cache, build_static_cache
+
+__all__ = ["build_dynamic_cache", "build_static_cache"]

@@ -1,0 +1,5 @@
+"""FFN blocks: ``dense`` (gated SwiGLU or plain MLP); MoE and Chain-of-Experts live in ``myllm.blocks.ffn.moe``."""
+
+from myllm.blocks.ffn.dense import DenseFFN
+
+__all__ = ["DenseFFN"]

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``myllm`` CLI, one module each (see :mod:`myllm.cli`)."""

@@ -1,0 +1,112 @@
+"""Shared test helpers: closeness metrics and tiny random models of real Hugging Face architectures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import transformers
+
+# Tiny configurations of real architectures. Sizes are multiples of 4 so that torch._grouped_mm's 16-byte
+# alignment holds in fp32; tests that want odd sizes override them.
+_TINY_COMMON: dict[str, Any] = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+
+TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None, "head_dim": 8}),
+    "qwen2": ("Qwen2Config", {}),  # q/k/v bias
+    "qwen3": ("Qwen3Config", {"head_dim": 8}),  # q/k norm
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 32},
+    ),
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "head_dim": 8}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        {
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "num_experts_per_tok": 2,
+            "n_group": 2,
+            "topk_group": 1,
+            "moe_intermediate_size": 16,
+            "first_k_dense_replace": 1,
+            "kv_lora_rank": 16,
+            "q_lora_rank": None,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 8,
+            "num_key_value_heads": 4,
+        },
+    ),
+}
+
+CAUSAL_LM_CLASSES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+}
+
+
+def tiny_hf_config(arch: str, **overrides: Any) -> transformers.PreTrainedConfig:
+    """A tiny config of a real HF architecture (``llama``, ``qwen2``, ``mixtral``, ...)."""
+    cls_name, extra = TINY_CONFIGS[arch]
+    kwargs = {**_TINY_COMMON, **extra, **overrides}
+    return getattr(transformers, cls_name)(**kwargs)
+
+
+def tiny_hf_model(arch: str, *, seed: int = 0, attn_implementation: str = "sdpa", **overrides: Any):
+    """A tiny randomly initialised HF causal LM of ``arch`` in float32 eval mode.
+
+    Weights are perturbed away from their (often trivial) init values so that norms, biases and routers
+    are exercised: a test that passes with all-ones norms could miss a swapped weight.
+    """
+    config = tiny_hf_config(arch, **overrides)
+    torch.manual_seed(seed)
+    model = getattr(transformers, CAUSAL_LM_CLASSES[arch])._from_config(
+        config, attn_implementation=attn_implementation, dtype=torch.float32
+    )
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1)
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # norms and biases
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+    return model.eval()
+
+
+def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Relative RMS error ``||a - e|| / max(||e||, tiny)`` in float64."""
+    a, e = actual.detach().double(), expected.detach().double()
+    return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float = 1e-5, rtol: float = 0.0) -> None:
+    """Max-abs closeness with a message that reports max abs diff and relative RMS."""
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    diff = (actual.detach().double() - expected.detach().double()).abs()
+    bound = atol + rtol * expected.detach().double().abs()
+    assert bool((diff <= bound).all()), (
+        f"max abs diff {diff.max().item():.3e} > atol {atol:.1e} (+ rtol {rtol:.1e}); rel rms {rel_rms(actual, expected):.3e}"
+    )
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().double() - b.detach().double()).abs().max().item()
