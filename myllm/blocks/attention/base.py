@@ -6,8 +6,11 @@ attention module's state dict loads into it unchanged and the block can replace 
 layer. It also exposes the attributes transformers' attention functions read (``layer_idx``,
 ``num_key_value_groups``, ``scaling``, ``head_dim``, ``is_causal``).
 
-Subclasses differ only in :meth:`Attention.attend` (the kernel): ``eager`` and ``sdpa`` here, ``moba``
-elsewhere. Shapes: ``hidden_states [B, T, hidden_size] -> ([B, T, hidden_size], weights | None)``.
+Subclasses differ only in :meth:`Attention.attend` (the kernel): ``eager`` and ``sdpa`` here. Blocks registered
+with the same pydantic config class (here :class:`AttentionConfig`) are *kernel variants*: same constructor
+keywords, same parameters, so a model can switch between them without touching weights (this is what
+``MyLLMForCausalLM.set_attn_implementation`` does). Structurally different blocks (MoBA, MLA) register their own
+config class. Shapes: ``hidden_states [B, T, hidden_size] -> ([B, T, hidden_size], weights | None)``.
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ class AttentionConfig(BlockConfig):
     dropout: NonNegativeFloat = 0.0
     scaling: PositiveFloat | None = None  # None -> head_dim ** -0.5
     layer_idx: NonNegativeInt = 0
-    sliding_window: PositiveInt | None = None
     # RoPE, in transformers' ``rope_parameters`` format ({"rope_type": ..., "rope_theta": ..., ...});
     # used when the caller does not pass ``position_embeddings``.
     rope_parameters: dict[str, Any] | None = None
@@ -79,10 +81,19 @@ def _example() -> dict:
 
 
 class Attention(nn.Module, abc.ABC):
-    """GQA self-attention; subclasses choose the kernel by overriding :meth:`attend`."""
+    """GQA self-attention; subclasses choose the kernel by overriding :meth:`attend`.
+
+    Capability attributes read by host models (never the block's name):
+
+    * ``mask_implementation``: the transformers attention implementation whose mask format the kernel prefers
+      (``"sdpa"``: 4-D bool or ``None``; ``"eager"``: 4-D float). Every kernel here accepts every form.
+    * ``supports_kv_cache``: the block reads and writes a transformers ``Cache``.
+    * :meth:`deepnorm_weights`: the value and output projections DeepNorm scales at initialisation.
+    """
 
     is_causal = True
     supports_kv_cache = True
+    mask_implementation = "sdpa"
 
     def __init__(
         self,
@@ -98,7 +109,6 @@ class Attention(nn.Module, abc.ABC):
         dropout: float = 0.0,
         scaling: float | None = None,
         layer_idx: int = 0,
-        sliding_window: int | None = None,
         rope_parameters: dict[str, Any] | None = None,
         max_position_embeddings: int = 4096,
     ) -> None:
@@ -112,7 +122,6 @@ class Attention(nn.Module, abc.ABC):
         self.scaling = scaling if scaling is not None else self.head_dim**-0.5
         self.attention_dropout = dropout
         self.layer_idx = layer_idx
-        self.sliding_window = sliding_window
         self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
@@ -129,6 +138,10 @@ class Attention(nn.Module, abc.ABC):
                 max_position_embeddings=max_position_embeddings,
             )
         )
+
+    def deepnorm_weights(self) -> list[torch.Tensor]:
+        """The weights DeepNet initialises with gain ``beta``: the value and output projections."""
+        return [self.v_proj.weight, self.o_proj.weight]
 
     @abc.abstractmethod
     def attend(
@@ -181,7 +194,6 @@ class Attention(nn.Module, abc.ABC):
             attention_mask,
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
-            sliding_window=self.sliding_window,
             **kwargs,
         )
         out = out.reshape(bsz, q_len, -1).contiguous()  # (B, T, H*D)
@@ -191,6 +203,8 @@ class Attention(nn.Module, abc.ABC):
 @register("attention", "eager", config=AttentionConfig, example=_example)
 class EagerAttention(Attention):
     """GQA attention with the plain softmax kernel (returns attention weights)."""
+
+    mask_implementation = "eager"
 
     def attend(self, query, key, value, attention_mask, **kwargs):
         return eager_attention(self, query, key, value, attention_mask, **kwargs)
