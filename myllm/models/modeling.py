@@ -62,6 +62,7 @@ class MyLLMDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = config.build_block("norm", layer_idx)
         self.residual_alpha = float(getattr(self.input_layernorm, "residual_alpha", 1.0))
         self.residual = RESIDUALS[self.input_layernorm.placement]
+        self.deepnorm_initialised = False  # set by MyLLMPreTrainedModel.initialize_weights
 
     def deepnorm_weights(self) -> list[torch.Tensor]:
         """DeepNet's beta-scaled weights: the attention's value/output projections and every FFN matrix."""
@@ -119,15 +120,24 @@ class MyLLMPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if hasattr(module, "placement") and not isinstance(module, MyLLMDecoderLayer):  # norm blocks, any name
+        if hasattr(module, "placement"):  # norm blocks, whatever their class name
             if getattr(module, "weight", None) is not None:
                 init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
-        if isinstance(module, MyLLMDecoderLayer):
-            beta = getattr(module.input_layernorm, "init_beta", None)
-            if beta is not None:
-                deepnorm_init_(module.deepnorm_weights(), beta=beta)
+
+    def initialize_weights(self) -> None:
+        """transformers' initialisation, then DeepNet's beta-scaled init for layers whose norm has ``init_beta``.
+
+        (A layer holds no parameters of its own, so transformers never calls ``_init_weights`` on it.) Loaded
+        weights are flagged by transformers and left alone; each layer is initialised once.
+        """
+        super().initialize_weights()
+        for layer in self.modules():
+            beta = getattr(getattr(layer, "input_layernorm", None), "init_beta", None)
+            if isinstance(layer, MyLLMDecoderLayer) and beta is not None and not layer.deepnorm_initialised:
+                deepnorm_init_(layer.deepnorm_weights(), beta=beta)
+                layer.deepnorm_initialised = True
 
     def set_attn_implementation(self, attn_implementation: str | dict, allow_all_kernels: bool = False) -> None:
         """Switch every layer whose attention block is a kernel variant of ``attn_implementation`` to that block.
@@ -219,8 +229,8 @@ class MyLLMModel(MyLLMPreTrainedModel):
                 prepared 4-D mask.
             position_ids: ``[B, T]``; when missing they count the real tokens of a 2-D ``attention_mask``
                 (so a left-padded row gets the positions of its unpadded sequence), else ``past + 0..T-1``.
-                Positions restarting inside a row (packed documents), with no ``attention_mask`` and no cache,
-                give a block-diagonal causal mask (transformers' ``create_causal_mask``).
+                Positions restarting inside a row (packed documents), with no ``attention_mask`` and nothing
+                cached yet, give a block-diagonal causal mask (transformers' ``create_causal_mask``).
             cache: a transformers ``Cache``; with ``use_cache`` and none given, the config's ``kv_cache`` block.
         """
         if (input_ids is None) == (inputs_embeds is None):
@@ -232,11 +242,14 @@ class MyLLMModel(MyLLMPreTrainedModel):
         if position_ids is None:
             position_ids = self._default_position_ids(inputs_embeds, attention_mask, cache)
 
+        # An empty growing cache sizes the mask exactly like no cache; passing none lets transformers detect
+        # packed documents (restarting position_ids) even when forward was called with the default use_cache.
+        empty_dynamic = cache is not None and not cache.is_compileable and cache.get_seq_length() == 0
         mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            cache=cache,
+            cache=None if empty_dynamic else cache,
             position_ids=position_ids,
         )
         hidden_states = inputs_embeds
