@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from transformers import DynamicCache, StaticCache
-from utils import TINY_MYLLM, assert_close, left_pad_positions, max_abs_diff, tiny_myllm
+from utils import TINY_MYLLM, assert_close, max_abs_diff, tiny_myllm
 
 from myllm import MyLLMConfig, MyLLMForCausalLM
 from myllm.blocks.attention import EagerAttention, SdpaAttention
