@@ -27,7 +27,9 @@ def test_defaults_and_shorthand_specs_are_normalised():
 
 
 def test_sizes_are_derived_from_the_model_config_and_spec_kwargs_win():
-    c = cfg(ffn={"name": "dense", "intermediate_size": 48, "act": "gelu"}, attention={"name": "sdpa", "qkv_bias": True})
+    c = cfg(
+        ffn={"name": "dense", "intermediate_size": 48, "act": "gelu"}, attention={"name": "sdpa", "qkv_bias": True}
+    )
     name, kw = c.resolve_block("attention", 1)
     assert name == "sdpa"
     assert kw["hidden_size"] == 32 and kw["num_heads"] == 4 and kw["num_kv_heads"] == 2 and kw["head_dim"] == 8
@@ -103,9 +105,15 @@ def test_switched_attention_is_pure():
         ({"attention": {"name": "sdpa", "bad": object()}}, r"not JSON-serialisable"),
         ({"layer_overrides": {"7": {"ffn": "dense"}}}, r"layer 7 is out of range"),
         ({"layer_overrides": {"x": {"ffn": "dense"}}}, r"'x' is not an integer"),
-        ({"layer_overrides": {"0": {"mlp": "dense"}}}, r"unknown slot\(s\) \['mlp'\]; valid slots: attention, ffn, norm"),
+        (
+            {"layer_overrides": {"0": {"mlp": "dense"}}},
+            r"unknown slot\(s\) \['mlp'\]; valid slots: attention, ffn, norm",
+        ),
         ({"layer_overrides": {"0": "dense"}}, r"must be a dict"),
-        ({"layer_overrides": {"1": {"ffn": {"name": "dense", "intermediate_size": -1}}}}, r"layer 1 ffn.*intermediate_size"),
+        (
+            {"layer_overrides": {"1": {"ffn": {"name": "dense", "intermediate_size": -1}}}},
+            r"layer 1 ffn.*intermediate_size",
+        ),
         ({"kv_cache": "paged"}, r"unknown kv_cache block 'paged'; available cache blocks: dynamic, static"),
     ],
 )

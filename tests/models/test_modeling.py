@@ -106,7 +106,10 @@ def test_save_pretrained_safetensors_round_trip_with_mixed_layers(tmp_path):
     model = tiny_myllm(
         num_hidden_layers=3,
         attention={"name": "sdpa", "qkv_bias": True},
-        layer_overrides={"1": {"attention": "eager", "norm": "layernorm"}, "2": {"ffn": {"name": "dense", "gated": False}}},
+        layer_overrides={
+            "1": {"attention": "eager", "norm": "layernorm"},
+            "2": {"ffn": {"name": "dense", "gated": False}},
+        },
     )
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
@@ -265,7 +268,18 @@ def test_deepnorm_model_is_post_norm_with_scaled_skip_and_beta_init(tmp_path):
     assert_close(layer(h, position_embeddings=cos_sin), expected, atol=1e-6)
 
     # beta-scaled xavier on ffn, v and o; q keeps the normal init
-    fresh = MyLLMForCausalLM(MyLLMConfig(**{**TINY_MYLLM, "num_hidden_layers": n, "hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 512}, norm="deepnorm"))
+    fresh = MyLLMForCausalLM(
+        MyLLMConfig(
+            **{
+                **TINY_MYLLM,
+                "num_hidden_layers": n,
+                "hidden_size": 256,
+                "num_attention_heads": 4,
+                "intermediate_size": 512,
+            },
+            norm="deepnorm",
+        )
+    )
     beta = (8 * n) ** -0.25
     lay = fresh.model.layers[1]
     assert lay.mlp.down_proj.weight.std().item() == pytest.approx(beta * (2 / (512 + 256)) ** 0.5, rel=0.05)
