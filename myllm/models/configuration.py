@@ -282,10 +282,12 @@ class MyLLMConfig(PreTrainedConfig):
         """transformers' view: the mask format the attention blocks want (``"eager"`` iff all want it)."""
         if not isinstance(self.__dict__.get("attention"), dict) or "layer_overrides" not in self.__dict__:
             return self.__dict__.get("_attn_implementation_internal") or "sdpa"  # mid-construction
-        wanted = {
-            getattr(registry.get("attention", n).builder, "mask_implementation", "sdpa")
-            for n in self._layer_attention_names()
-        }
+        # O(overrides), not O(layers): this is read on every forward (mask creation)
+        overridden = [s["attention"]["name"] for s in self.layer_overrides.values() if "attention" in s]
+        names = set(overridden)
+        if len(overridden) < self.num_hidden_layers:
+            names.add(self.attention["name"])
+        wanted = {getattr(registry.get("attention", n).builder, "mask_implementation", "sdpa") for n in names}
         return wanted.pop() if len(wanted) == 1 else "sdpa"
 
     @_attn_implementation.setter

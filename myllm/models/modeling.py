@@ -31,7 +31,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs, install_output_capuring_hook
 
 from myllm.blocks import registry
-from myllm.blocks.attention.base import Attention, rope_config
+from myllm.blocks.attention.base import Attention, rope_config, rope_signature
 from myllm.blocks.norm import deepnorm_init_
 from myllm.models.configuration import MyLLMConfig
 
@@ -187,27 +187,19 @@ class MyLLMModel(MyLLMPreTrainedModel):
         final_norm = config.build_block("norm")
         # post-norm layers already end with a norm; pre-norm stacks need a final one
         self.norm = final_norm if final_norm.placement == "pre" else nn.Identity()
-        self.rotary_emb = LlamaRotaryEmbedding(
-            rope_config(
-                head_dim=config.head_dim or config.hidden_size // config.num_attention_heads,
-                rope_parameters=config.rope_parameters,
-                max_position_embeddings=config.max_position_embeddings,
-            )
-        )
+        rope = {
+            "head_dim": config.head_dim or config.hidden_size // config.num_attention_heads,
+            "rope_parameters": config.rope_parameters,
+            "max_position_embeddings": config.max_position_embeddings,
+        }
+        self.rotary_emb = LlamaRotaryEmbedding(rope_config(**rope))
+        self.rope_signature = rope_signature(**rope)
         self.gradient_checkpointing = False
         self.post_init()
 
     def shares_rope(self, attn: nn.Module) -> bool:
         """Whether ``attn`` uses the same RoPE as the model, so it can take the model's ``(cos, sin)``."""
-        rope = getattr(attn, "rotary_emb", None)
-        ours = self.rotary_emb
-        return (
-            isinstance(rope, LlamaRotaryEmbedding)
-            and rope.inv_freq.shape == ours.inv_freq.shape
-            and rope.rope_type == ours.rope_type
-            and rope.config.rope_parameters == ours.config.rope_parameters
-            and rope.config.max_position_embeddings == ours.config.max_position_embeddings
-        )
+        return getattr(attn, "rope_signature", None) == self.rope_signature
 
     @merge_with_config_defaults
     @capture_outputs

@@ -50,7 +50,9 @@ def _hf_attention(key: str, impl: str):
 
 def _mask(impl: str, pad: torch.Tensor, q_len: int) -> torch.Tensor:
     fn = eager_mask if impl == "eager" else sdpa_mask
-    return fn(batch_size=pad.shape[0], q_length=q_len, kv_length=q_len, attention_mask=pad.bool(), allow_is_causal_skip=False)
+    return fn(
+        batch_size=pad.shape[0], q_length=q_len, kv_length=q_len, attention_mask=pad.bool(), allow_is_causal_skip=False
+    )
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
@@ -88,7 +90,12 @@ def test_attention_parity_is_not_vacuous():
         ours.k_norm.weight[3] += 1e-3  # a tiny change in one per-head norm weight
     x = torch.randn(2, 5, H)
     cos_sin = LlamaRotaryEmbedding(config)(x, torch.arange(5)[None])
-    assert max_abs_diff(ours(x, position_embeddings=cos_sin)[0], hf(x, position_embeddings=cos_sin, attention_mask=None)[0]) > 1e-6
+    assert (
+        max_abs_diff(
+            ours(x, position_embeddings=cos_sin)[0], hf(x, position_embeddings=cos_sin, attention_mask=None)[0]
+        )
+        > 1e-6
+    )
 
 
 ROPE_TYPES = {
@@ -165,7 +172,9 @@ def test_eager_and_sdpa_kernels_agree_for_every_mask_form(form):
     pad = torch.ones(2, 5, dtype=torch.long)
     pad[1, :2] = 0
     masks = {
-        "bool": sdpa_mask(batch_size=2, q_length=5, kv_length=5, attention_mask=pad.bool(), allow_is_causal_skip=False),
+        "bool": sdpa_mask(
+            batch_size=2, q_length=5, kv_length=5, attention_mask=pad.bool(), allow_is_causal_skip=False
+        ),
         "float": eager_mask(batch_size=2, q_length=5, kv_length=5, attention_mask=pad.bool()),
         "none": None,
     }

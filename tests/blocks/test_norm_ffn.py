@@ -81,7 +81,9 @@ def test_deepnorm_init_scales_xavier_by_beta_per_matrix_and_skips_loaded_weights
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_dense_ffn_matches_llama_mlp(bias):
-    config = LlamaConfig(hidden_size=20, num_attention_heads=5, head_dim=4, intermediate_size=36, mlp_bias=bias, hidden_act="silu")
+    config = LlamaConfig(
+        hidden_size=20, num_attention_heads=5, head_dim=4, intermediate_size=36, mlp_bias=bias, hidden_act="silu"
+    )
     hf = LlamaMLP(config)
     ours = blocks.build("ffn", "dense", hidden_size=20, intermediate_size=36, bias=bias, act="silu")
     ours.load_state_dict(hf.state_dict())

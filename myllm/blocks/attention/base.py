@@ -16,6 +16,7 @@ config class. Shapes: ``hidden_states [B, T, hidden_size] -> ([B, T, hidden_size
 from __future__ import annotations
 
 import abc
+import json
 from typing import Any
 
 import torch
@@ -76,6 +77,14 @@ def rope_config(
     )
 
 
+def rope_signature(*, head_dim: int, rope_parameters: dict[str, Any] | None, max_position_embeddings: int) -> str:
+    """A string equal for two RoPE set-ups iff they compute the same ``(cos, sin)`` (host models compare it to
+    share one computation across layers)."""
+    params = dict(rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
+    params.setdefault("rope_type", "default")
+    return json.dumps([head_dim, max_position_embeddings, params], sort_keys=True, default=str)
+
+
 def _example() -> dict:
     return {"hidden_size": 32, "num_heads": 4, "num_kv_heads": 2}
 
@@ -89,6 +98,8 @@ class Attention(nn.Module, abc.ABC):
       (``"sdpa"``: 4-D bool or ``None``; ``"eager"``: 4-D float). Every kernel here accepts every form.
     * ``supports_kv_cache``: the block reads and writes a transformers ``Cache``.
     * :meth:`deepnorm_weights`: the value and output projections DeepNorm scales at initialisation.
+    * ``rope_signature``: equal to the host's :func:`rope_signature` iff the block can take the host's
+      ``position_embeddings``; otherwise the host passes none and the block applies its own RoPE.
     """
 
     is_causal = True
@@ -126,18 +137,19 @@ class Attention(nn.Module, abc.ABC):
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=o_bias)
+        self.qk_norm = qk_norm
         if qk_norm:
             self.q_norm = RMSNorm(hidden_size=self.head_dim, eps=norm_eps)
             self.k_norm = RMSNorm(hidden_size=self.head_dim, eps=norm_eps)
         else:
             self.q_norm = self.k_norm = nn.Identity()
-        self.rotary_emb = LlamaRotaryEmbedding(
-            rope_config(
-                head_dim=self.head_dim,
-                rope_parameters=rope_parameters,
-                max_position_embeddings=max_position_embeddings,
-            )
-        )
+        rope = {
+            "head_dim": self.head_dim,
+            "rope_parameters": rope_parameters,
+            "max_position_embeddings": max_position_embeddings,
+        }
+        self.rotary_emb = LlamaRotaryEmbedding(rope_config(**rope))
+        self.rope_signature = rope_signature(**rope)
 
     def deepnorm_weights(self) -> list[torch.Tensor]:
         """The weights DeepNet initialises with gain ``beta``: the value and output projections."""
@@ -172,8 +184,11 @@ class Attention(nn.Module, abc.ABC):
         cache = cache if cache is not None else past_key_values
         bsz, q_len, _ = hidden_states.shape
         hidden_shape = (bsz, q_len, -1, self.head_dim)
-        query = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)  # (B, H, T, D)
-        key = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)  # (B, Hk, T, D)
+        query = self.q_proj(hidden_states).view(hidden_shape)  # (B, T, H, D)
+        key = self.k_proj(hidden_states).view(hidden_shape)  # (B, T, Hk, D)
+        if self.qk_norm:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)  # (B, H, T, D), (B, Hk, T, D)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hk, T, D)
 
         if position_embeddings is None:
