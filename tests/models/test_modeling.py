@@ -291,3 +291,25 @@ def test_deepnorm_model_is_post_norm_with_scaled_skip_and_beta_init(tmp_path):
     back = MyLLMForCausalLM.from_pretrained(tmp_path)
     x = ids()
     assert torch.equal(back(x).logits, model(x).logits)
+
+
+def test_a_layer_with_its_own_rope_computes_it_itself():
+    """A per-layer override with another head_dim cannot take the model's (cos, sin): that layer applies its own."""
+    model = tiny_myllm(layer_overrides={"1": {"attention": {"name": "sdpa", "head_dim": 16}}})
+    assert model.model.shares_rope(model.model.layers[0].self_attn)
+    assert not model.model.shares_rope(model.model.layers[1].self_attn)
+    x = ids(1, 7)
+    full = model(x).logits
+    first = model(x[:, :4], use_cache=True)
+    rest = model(x[:, 4:], cache=first.cache, use_cache=True).logits
+    assert_close(torch.cat([first.logits, rest], 1), full, atol=1e-5)
+
+
+def test_forward_needs_exactly_one_of_input_ids_and_inputs_embeds():
+    model = tiny_myllm()
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        model()
+    x = ids()
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        model(x, inputs_embeds=model.model.embed_tokens(x))
+    assert_close(model(inputs_embeds=model.model.embed_tokens(x)).logits, model(x).logits, atol=0)
