@@ -143,9 +143,10 @@ class MyLLMPreTrainedModel(PreTrainedModel):
         """Switch every layer whose attention block is a kernel variant of ``attn_implementation`` to that block.
 
         Kernel variants are attention blocks registered with the same pydantic config class (``eager`` and
-        ``sdpa``): the new blocks are built with the same keywords and take over the old blocks' weights. The
-        config's specs are updated, so ``save_pretrained`` records the change. Everything is built and checked
-        before anything is swapped; on error the model is unchanged.
+        ``sdpa``): each new block is built (on the meta device) with the same keywords and takes over the old
+        block's submodules, i.e. the very same parameters (optimizers, PEFT adapters and hooks on them keep
+        working). The config's specs are updated, so ``save_pretrained`` records the change. Everything is built
+        and checked before anything is swapped; on error the model is unchanged.
 
         Raises:
             ValueError: ``attn_implementation`` is not a kernel variant of any layer's attention block.
@@ -155,21 +156,16 @@ class MyLLMPreTrainedModel(PreTrainedModel):
         attention, overrides = self.config.switched_attention(attn_implementation)
         target = copy.deepcopy(self.config)
         target.attention, target.layer_overrides = attention, overrides
-        layers = [m for m in self.modules() if isinstance(m, MyLLMDecoderLayer)]
         new_blocks = {}
-        for layer in layers:
+        for layer in (m for m in self.modules() if isinstance(m, MyLLMDecoderLayer)):
             name, kwargs = target.resolve_block("attention", layer.layer_idx)
             if type(layer.self_attn) is registry.get("attention", name).builder:
                 continue
-            old = next(layer.self_attn.parameters())
-            block = registry.build("attention", name, **kwargs).to(device=old.device, dtype=old.dtype)
-            block.load_state_dict(layer.self_attn.state_dict())
-            block.train(layer.self_attn.training)
+            with torch.device("meta"):
+                block = registry.build("attention", name, **kwargs)
+            _take_over_submodules(block, layer.self_attn)
             new_blocks[layer] = block
         for layer, block in new_blocks.items():
-            old_params = dict(layer.self_attn.named_parameters())
-            for name, param in block.named_parameters():
-                param.requires_grad_(old_params[name].requires_grad)
             layer.self_attn = block
             if getattr(self, "_output_capturing_hooks_installed", False):
                 install_output_capuring_hook(block, "attentions", 1)
@@ -403,6 +399,20 @@ class MyLLMForCausalLM(MyLLMPreTrainedModel, GenerationMixin):
                 max_cache_length, generation_config.max_cache_len or 0, kwargs.get("max_cache_len", 0)
             )
         model_kwargs["cache"] = spec.build(config=self.config, **kwargs)
+
+
+def _take_over_submodules(new: nn.Module, old: nn.Module) -> None:
+    """Move ``old``'s child modules into ``new`` (kernel variants have the same children and nothing else)."""
+    new_children, old_children = dict(new.named_children()), dict(old.named_children())
+    own = [n for n, _ in new.named_parameters(recurse=False)] + [n for n, _ in new.named_buffers(recurse=False)]
+    if new_children.keys() != old_children.keys() or own:
+        raise ValueError(
+            f"{type(new).__name__} cannot take over {type(old).__name__}: submodules {sorted(new_children)} vs "
+            f"{sorted(old_children)}, own tensors {own}"
+        )
+    for name, child in old_children.items():
+        setattr(new, name, child)
+    new.train(old.training)
 
 
 def _is_2d(mask: torch.Tensor | None) -> bool:

@@ -139,11 +139,14 @@ def test_set_attn_implementation_swaps_kernels_keeps_weights_and_is_saved(tmp_pa
     mask = torch.ones_like(x)
     mask[1, :3] = 0
     before = model(x, attention_mask=mask).logits
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    params = dict(model.named_parameters())
+    model.model.layers[1].self_attn.q_proj.weight.requires_grad_(False)
     model.set_attn_implementation("eager")
     assert all(isinstance(layer.self_attn, EagerAttention) for layer in model.model.layers)
     assert model.config._attn_implementation == "eager" and model.config.attention["name"] == "eager"
-    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert all(p is params[name] for name, p in model.named_parameters())  # the very same parameters
+    assert not model.model.layers[1].self_attn.q_proj.weight.requires_grad
+    assert not any(t.is_meta for t in model.buffers())
     after = model(x, attention_mask=mask).logits
     real = mask.bool()
     assert_close(after[real], before[real], atol=1e-5)
