@@ -92,7 +92,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     loss.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     assert all(layer.gradient_checkpointing for layer in model.model.layers)
     loss_ckpt = model(x, labels=x).loss
     loss_ckpt.backward()
