@@ -47,7 +47,7 @@ from myllm.data.shards import (
     shard_name,
     token_dtype,
 )
-from myllm.data.writer import Encoder, EncoderSpec, tokenizer_info, write_shard
+from myllm.data.writer import Encoder, EncoderSpec, tokenizer_info, write_index, write_shard
 
 
 @dataclass(frozen=True)
@@ -291,21 +291,15 @@ def tokenize_to_shards(
         total=sum(unit_bytes(u) for _, u in todo), unit="B", unit_scale=True, desc="tokenize", disable=not progress
     ) as bar:
         entries.update(_execute(out, todo, (opts, spec, dtype.name, plan_hash), workers, bar))
-    shards = [entries[n] for n in names]
-    index = {
-        "format": FORMAT,
-        "version": VERSION,
-        "dtype": dtype.name,
-        "tokenizer": tok_info,
-        "options": asdict(opts),
-        "plan_hash": plan_hash,
-        "n_docs": sum(e["n_docs"] for e in shards),
-        "n_tokens": sum(e["n_tokens"] for e in shards),
-        "max_token_id": max(e["max_token_id"] for e in shards),
-        "input_bytes": sum(unit_bytes(u) for u in units),
-        "shards": shards,
-    }
-    write_json_atomic(out / INDEX, index)
+    index = write_index(
+        out,
+        [entries[n] for n in names],
+        dtype=dtype,
+        tokenizer=tok_info,
+        options=asdict(opts),
+        plan_hash=plan_hash,
+        input_bytes=sum(unit_bytes(u) for u in units),
+    )
     for stale in out.glob("shard_*.tmp"):
         stale.unlink(missing_ok=True)
     return _summary(out, index, reused=len(units) - len(todo), seconds=time.perf_counter() - start)

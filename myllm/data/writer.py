@@ -12,7 +12,16 @@ from typing import Any
 import numpy as np
 
 from myllm.data.io import write_json_atomic
-from myllm.data.shards import DOCS_SUFFIX, MARKER_SUFFIX, OFFSET_DTYPE, TOKENS_SUFFIX, ShardError
+from myllm.data.shards import (
+    DOCS_SUFFIX,
+    FORMAT,
+    INDEX,
+    MARKER_SUFFIX,
+    OFFSET_DTYPE,
+    TOKENS_SUFFIX,
+    VERSION,
+    ShardError,
+)
 
 
 @dataclass(frozen=True)
@@ -137,3 +146,31 @@ def tokenizer_info(tokenizer: Any, *, parse_special: bool = False) -> tuple[Enco
         "bos_id": tok.bos_token_id,
     }
     return spec, info
+
+
+def write_index(
+    out: Path,
+    shards: list[dict[str, Any]],
+    *,
+    dtype: np.dtype,
+    tokenizer: dict[str, Any],
+    options: dict[str, Any],
+    plan_hash: str,
+    input_bytes: int,
+) -> dict[str, Any]:
+    """Write ``index.json`` (atomically, last: it marks the directory finished) and return it."""
+    index = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": dtype.name,
+        "tokenizer": tokenizer,
+        "options": options,
+        "plan_hash": plan_hash,
+        "n_docs": sum(e["n_docs"] for e in shards),
+        "n_tokens": sum(e["n_tokens"] for e in shards),
+        "max_token_id": max((e["max_token_id"] for e in shards), default=-1),
+        "input_bytes": input_bytes,
+        "shards": shards,
+    }
+    write_json_atomic(out / INDEX, index)
+    return index
