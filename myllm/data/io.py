@@ -93,8 +93,15 @@ def parse_jsonl_line(line: bytes | str, path: PathLike, lineno: int, field: str 
         obj = json.loads(line)
     except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError
         raise JsonlError(path, lineno, f"invalid JSON ({exc})") from None
-    if field is None:
-        return obj
+    return obj if field is None else text_field(obj, path, lineno, field)
+
+
+def text_field(obj: Any, path: PathLike, lineno: int, field: str) -> str:
+    """The string ``field`` of a parsed JSONL record.
+
+    Raises:
+        JsonlError: not an object, a missing field or a non-string field.
+    """
     if not isinstance(obj, dict):
         raise JsonlError(path, lineno, f"expected a JSON object with a {field!r} field, got {type(obj).__name__}")
     if field not in obj:
