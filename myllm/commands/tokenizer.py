@@ -35,7 +35,9 @@ def run_train(args: argparse.Namespace) -> int:
         min_frequency=args.min_frequency,
         field=args.field,
     )
-    print(f"wrote {args.output}: vocab {len(tok)}, eos {tok.eos_token!r}, pad {tok.pad_token!r}, bos {tok.bos_token!r}")
+    print(
+        f"wrote {args.output}: vocab {len(tok)}, eos {tok.eos_token!r}, pad {tok.pad_token!r}, bos {tok.bos_token!r}"
+    )
     return 0
 
 
