@@ -62,6 +62,7 @@ def test_deterministic(tmp_path):
     b = build_corpus(tmp_path / "b", root=tmp_path / "lib", heldout_fraction=0.5)
     for name in ("train.jsonl", "heldout.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (a.train_docs, a.heldout_docs, a.bytes) == (b.train_docs, b.heldout_docs, b.bytes)
     assert a.train_docs + a.heldout_docs == 3
 
 
