@@ -27,7 +27,10 @@ def test_chat_template(tok_dir):
     tok = load_tokenizer(tok_dir)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        text
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    )
     ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=False)
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 2
@@ -80,7 +83,9 @@ def test_load_errors(tmp_path):
         load_tokenizer(tmp_path / "empty")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
-    (tmp_path / "broken" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    (tmp_path / "broken" / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"})
+    )
     with pytest.raises(ValueError, match="not a loadable tokenizer directory"):
         load_tokenizer(tmp_path / "broken")
     with pytest.raises(ValueError, match="expected a tokenizer"):
