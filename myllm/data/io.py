@@ -24,6 +24,9 @@ class JsonlError(ValueError):
         self.path, self.line, self.reason = str(path), line, reason
         super().__init__(f"{path}:{line}: {reason}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, int, str]]:  # picklable: raised in worker processes
+        return (JsonlError, (self.path, self.line, self.reason))
+
 
 def ensure_writable_dir(path: PathLike) -> Path:
     """Create ``path`` (and parents) if needed and check that files can be created in it.

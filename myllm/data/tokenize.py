@@ -300,8 +300,9 @@ def tokenize_to_shards(
         plan_hash=plan_hash,
         input_bytes=sum(unit_bytes(u) for u in units),
     )
-    for stale in out.glob("shard_*.tmp"):
-        stale.unlink(missing_ok=True)
+    for pattern in ("shard_*.tmp", ".shard_*.tmp", f".{INDEX}.*.tmp", f".{PLAN}.*.tmp"):  # left by killed runs
+        for stale in out.glob(pattern):
+            stale.unlink(missing_ok=True)
     return _summary(out, index, reused=len(units) - len(todo), seconds=time.perf_counter() - start)
 
 
