@@ -14,6 +14,22 @@ IGNORE_INDEX = -100
 _M64 = (1 << 64) - 1
 
 
+def pack_arrays(tokens: np.ndarray, doc_starts: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`pack_window` as int64 numpy arrays (what DataLoader workers send back)."""
+    T = int(tokens.shape[0])
+    starts = np.asarray(doc_starts, dtype=np.int64)
+    is_start = np.zeros(T, dtype=bool)
+    is_start[starts] = True
+    is_start[0] = True
+    seg_start = np.flatnonzero(is_start)  # ascending
+    seg_id = np.cumsum(is_start) - 1
+    positions = np.arange(T, dtype=np.int64) - seg_start[seg_id]
+    input_ids = np.array(tokens, dtype=np.int64)
+    labels = input_ids.copy()
+    labels[seg_start[1:]] = IGNORE_INDEX
+    return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+
+
 def pack_window(tokens: np.ndarray, doc_starts: np.ndarray) -> dict[str, torch.Tensor]:
     """Build one training window from ``T`` consecutive stream tokens (the format of ``myllm.data.source``).
 
@@ -26,18 +42,7 @@ def pack_window(tokens: np.ndarray, doc_starts: np.ndarray) -> dict[str, torch.T
         document is predicted from the one before it); ``position_ids [T]`` restarting at 0 at every document
         start and at the window start. All ``torch.long``.
     """
-    T = int(tokens.shape[0])
-    starts = np.asarray(doc_starts, dtype=np.int64)
-    is_start = np.zeros(T, dtype=bool)
-    is_start[starts] = True
-    is_start[0] = True
-    seg_start = np.flatnonzero(is_start)  # ascending
-    seg_id = np.cumsum(is_start) - 1
-    positions = np.arange(T, dtype=np.int64) - seg_start[seg_id]
-    input_ids = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))
-    labels = input_ids.clone()
-    labels[torch.from_numpy(seg_start[1:])] = IGNORE_INDEX
-    return {"input_ids": input_ids, "labels": labels, "position_ids": torch.from_numpy(positions)}
+    return {k: torch.from_numpy(v) for k, v in pack_arrays(tokens, doc_starts).items()}
 
 
 def _mix64(x: int) -> int:
@@ -84,8 +89,9 @@ class MixtureCursor:
 
     Deterministic greedy interleave (as Megatron's blended datasets): step ``s`` draws from the component
     whose share is furthest behind its weight, ``argmax_c(w_c * (s + 1) - count_c)``, ties to the lowest
-    index; after any number of steps every count is within 1 of ``w_c * s``. The cursor is ``(step, counts)``,
-    so a resumed run continues the same sequence.
+    index. No component ever runs 1 draw or more ahead of ``w_c * s`` (it is picked only while behind), so
+    none falls more than ``C - 1`` behind; in practice every count stays within about 1. The cursor is
+    ``(step, counts)``, so a resumed run continues the same sequence.
     """
 
     def __init__(self, weights: Sequence[float], step: int = 0, counts: Sequence[int] | None = None) -> None:

@@ -7,8 +7,8 @@ weights, ``seq_len`` and ``seed`` only:
   its ``k``-th draw is window ``perm_epoch(k % N)`` of epoch ``k // N`` (a fresh shuffle every epoch);
 * global step ``s`` draws from the component chosen by :class:`~myllm.data.packing.MixtureCursor`;
 * data-parallel rank ``r`` of ``W`` takes the global steps ``s = r, r + W, r + 2W, ...`` (disjoint shares);
-* DataLoader worker ``w`` of ``K`` builds the rank's windows ``j = w, w + K, ...`` and the main process
-  takes them back in order, so the rank's sequence does not depend on ``K``.
+* DataLoader worker ``w`` of ``K`` builds the rank's windows in blocks ``w, w + K, ...`` of :data:`BLOCK`
+  windows and the main process takes them back in order, so the rank's sequence does not depend on ``K``.
 
 The position (``state_dict``) is the number of global steps consumed, ``s = j * W`` after ``j`` windows per
 rank, plus the per-component draw counts at ``s``: it names no worker and no rank, so a run resumes exactly
@@ -25,9 +25,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from myllm.data.io import PathLike
-from myllm.data.packing import MixtureCursor, Permutation, pack_window
+from myllm.data.packing import MixtureCursor, Permutation, pack_arrays
 from myllm.data.shards import ShardError, ShardSet
 from myllm.data.source import Window
+
+BLOCK = 64  # windows a DataLoader worker builds and sends back at a time (does not change the sequence)
 
 
 class TokenStore(Protocol):
@@ -139,27 +141,32 @@ class PackedSource(IterableDataset):
             i = perm(i)
         return i * self.seq_len, (i + 1) * self.seq_len
 
-    def window(self, component: int, draw: int) -> Window:
-        """The window of a component's ``draw``-th draw."""
+    def window_arrays(self, component: int, draw: int) -> dict[str, np.ndarray]:
+        """The window of a component's ``draw``-th draw, as int64 numpy arrays ``[T]``."""
         start, stop = self.window_range(component, draw)
         store = self.stores[component]
-        return pack_window(store.read(start, stop), store.doc_starts(start, stop) - start)
+        return pack_arrays(store.read(start, stop), store.doc_starts(start, stop) - start)
+
+    def window(self, component: int, draw: int) -> Window:
+        """The window of a component's ``draw``-th draw (``torch.long`` tensors ``[T]``)."""
+        return {k: torch.from_numpy(v) for k, v in self.window_arrays(component, draw).items()}
 
     def _rank_steps(
-        self, cursor: MixtureCursor, skip: int = 0, every: int = 1
+        self, cursor: MixtureCursor, *, worker: int = 0, num_workers: int = 1
     ) -> Iterator[tuple[int, int, MixtureCursor]]:
-        """This rank's draws ``(component, draw, cursor after it)`` from ``cursor``: its windows ``j = skip, skip +
-        every, ...`` counted from the cursor, the cursor advanced a whole round of ranks past each."""
+        """This rank's draws ``(component, draw, cursor after it)`` from ``cursor`` on.
+
+        The rank's ``j``-th window (counted from ``cursor``) is global step ``cursor.step + j * W + rank``;
+        with ``num_workers > 1`` only the windows of blocks ``j // BLOCK = worker (mod num_workers)`` are
+        yielded (the others are stepped over without reading data).
+        """
         cur = cursor.copy()
         end = self.end_step
         j = 0
-        while True:
-            target = cur.step + self.rank
-            if end is not None and cur.step + self.world_size > end:
-                return
-            if j % every == skip:
+        while end is None or cur.step + self.world_size <= end:
+            if (j // BLOCK) % num_workers == worker:
                 probe = cur.copy()
-                probe.advance(target - cur.step)
+                probe.advance(self.rank)
                 comp = probe.pick()
                 draw = probe.counts[comp]
                 cur.advance(self.world_size)
@@ -181,12 +188,19 @@ class PackedSource(IterableDataset):
                 self._cursor = after.copy()  # committed before handing out: state_dict() counts this window
                 yield window
             return
-        loader = DataLoader(_WorkerStream(self, self._cursor.copy()), batch_size=None, num_workers=self.num_workers)
+        loader = DataLoader(
+            _WorkerStream(self, self._cursor.copy()),
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_keep_numpy,
+        )
         steps = self._rank_steps(self._cursor)
-        for window in loader:
-            _, _, after = next(steps)
-            self._cursor = after.copy()
-            yield window
+        for block in loader:  # blocks of BLOCK windows, in order; workers take turns
+            for i in range(block["input_ids"].shape[0]):
+                _, _, after = next(steps)
+                window = {k: torch.from_numpy(v[i]) for k, v in block.items()}
+                self._cursor = after.copy()
+                yield window
 
     # ---------------------------------------------------------------------------------------------- state
     def _identity(self) -> dict[str, Any]:
@@ -231,18 +245,29 @@ def _as_json(x: Any) -> Any:
     return x
 
 
+def _keep_numpy(block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """DataLoader collate that sends a worker's numpy block as is (one pickle, no per-tensor shared memory)."""
+    return block
+
+
 class _WorkerStream(IterableDataset):
-    """What a DataLoader worker runs: windows ``j = w, w + K, ...`` of the rank's sequence from a cursor."""
+    """What a DataLoader worker runs: its blocks of :data:`BLOCK` windows of the rank's sequence, stacked."""
 
     def __init__(self, source: PackedSource, cursor: MixtureCursor) -> None:
         super().__init__()
         self.source, self.cursor = source, cursor
 
-    def __iter__(self) -> Iterator[Window]:
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         info = get_worker_info()
         wid, k = (info.id, info.num_workers) if info is not None else (0, 1)
-        for comp, draw, _ in self.source._rank_steps(self.cursor, skip=wid, every=k):
-            yield self.source.window(comp, draw)
+        block: list[dict[str, np.ndarray]] = []
+        for comp, draw, _ in self.source._rank_steps(self.cursor, worker=wid, num_workers=k):
+            block.append(self.source.window_arrays(comp, draw))
+            if len(block) == BLOCK:
+                yield {key: np.stack([w[key] for w in block]) for key in block[0]}
+                block = []
+        if block:
+            yield {key: np.stack([w[key] for w in block]) for key in block[0]}
 
 
 class ShardSource(PackedSource):
