@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from myllm.data.io import (
     JsonlError,
@@ -46,8 +47,6 @@ REASONS = (
     "exact_duplicate",
     "near_duplicate",
 )
-_NON_LETTERS = re.compile(r"[\W\d_]+")
-_NON_DIGITS = re.compile(r"\D+")
 _MAX_BAD_LINES_LISTED = 100
 
 
@@ -56,7 +55,7 @@ class CleanConfig:
     """Cleaning options (every filter can be switched off: ``min_chars=0``, ``max_chars=None``, ratios 0/1).
 
     ``alpha ratio`` = letters / non-whitespace characters (CJK characters count as letters);
-    ``digit ratio`` = digits / non-whitespace characters.
+    ``digit ratio`` = digits / non-whitespace characters (see :func:`char_ratios`).
     """
 
     field: str = "text"
@@ -85,14 +84,35 @@ class CleanConfig:
             raise ValueError(f"near_threshold must be in (0, 1), got {self.near_threshold}")
 
 
+def _char_class(ch: str) -> int:
+    return 1 if ch.isalpha() else 2 if ch.isdigit() else 3 if ch.isspace() else 0
+
+
+_ASCII_CLASS = np.array([_char_class(chr(c)) for c in range(128)], dtype=np.int8)
+_CLASS_CACHE: dict[int, int] = {}  # non-ASCII code point -> class (0 other, 1 letter, 2 digit, 3 space)
+
+
 def char_ratios(text: str) -> tuple[float, float]:
-    """(letters, digits) as shares of the non-whitespace characters; (0, 0) for blank text."""
-    visible = len("".join(text.split()))
+    """(letters, digits) as shares of the non-whitespace characters; (0, 0) for blank text.
+
+    Letters are ``str.isalpha`` characters (CJK included), digits ``str.isdigit``; counted with numpy over
+    the code points (ASCII by table, other characters once per distinct code point).
+    """
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    ascii_mask = codes < 128
+    counts = np.bincount(_ASCII_CLASS[codes[ascii_mask]], minlength=4)
+    rest = codes[~ascii_mask]
+    if rest.size:
+        uniq, n = np.unique(rest, return_counts=True)
+        for code, k in zip(uniq.tolist(), n.tolist(), strict=True):
+            cls = _CLASS_CACHE.get(code)
+            if cls is None:
+                cls = _CLASS_CACHE[code] = _char_class(chr(code))
+            counts[cls] += k
+    visible = int(codes.size - counts[3])
     if visible == 0:
         return 0.0, 0.0
-    letters = len(_NON_LETTERS.sub("", text))
-    digits = len(_NON_DIGITS.sub("", text))
-    return letters / visible, digits / visible
+    return int(counts[1]) / visible, int(counts[2]) / visible
 
 
 def filter_reason(text: str, cfg: CleanConfig) -> str | None:
