@@ -116,6 +116,6 @@ def source_from_dataset(
         tmp = tempfile.TemporaryDirectory(prefix="myllm-dataset-shards-")
         cache_dir = tmp.name
     path = dataset_to_shards(dataset, cache_dir, tokenizer=tokenizer, column=column, eos_id=eos_id)
-    source = ShardSource(path, seq_len, tokenizer=tokenizer if tokenizer is not None else None, **kwargs)
+    source = ShardSource(path, seq_len, tokenizer=tokenizer, **kwargs)
     source._keepalive = tmp  # keeps the temporary shards alive as long as the source
     return source

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import codecs
 import os
+import queue
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -171,3 +173,46 @@ def batched(segments: Iterable[Segment], chunk_bytes: int, max_items: int = 4096
 def unit_bytes(unit: list[dict[str, Any]]) -> int:
     """Input bytes covered by a unit."""
     return sum(p["end"] - p["start"] for p in unit)
+
+
+class _Raised:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """Iterate ``items`` in a background thread, ``depth`` items ahead (exceptions re-raised here).
+
+    The tokenizer releases the GIL while encoding, so reading and parsing the next batch overlaps with it.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done, stop = object(), threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.05)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put(_Raised(exc))
+
+    thread = threading.Thread(target=produce, name="myllm-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join()

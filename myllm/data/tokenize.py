@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from myllm.data.inputs import batched, discover_inputs, plan_units, unit_bytes, unit_segments
+from myllm.data.inputs import batched, discover_inputs, plan_units, prefetch, unit_bytes, unit_segments
 from myllm.data.io import PathLike, ensure_writable_dir, read_json, write_json_atomic
 from myllm.data.shards import (
     DOCS_SUFFIX,
@@ -90,7 +90,7 @@ def _run_unit(
     return write_shard(
         Path(out_dir),
         name,
-        batched(unit_segments(unit, opts.field, opts.chunk_bytes), opts.chunk_bytes),
+        prefetch(batched(unit_segments(unit, opts.field, opts.chunk_bytes), opts.chunk_bytes)),
         encoder,
         np.dtype(dtype),
         eos_id=spec.eos_id if opts.append_eos else None,

@@ -279,7 +279,7 @@ class ShardSource(PackedSource):
         seq_len: tokens per window.
         tokenizer: the model's tokenizer (or its directory): its fingerprint must match the shards'.
         vocab_size: the model's vocabulary size: every token id must be below it.
-        **kwargs: see :class:`PackedSource` (weights, rank, world_size, seed, shuffle, num_workers, num_epochs).
+        weights, rank, world_size, seed, shuffle, num_workers, num_epochs: see :class:`PackedSource`.
 
     Raises:
         ShardError: a missing / unfinished / truncated / inconsistent shard directory or a tokenizer mismatch.
@@ -290,17 +290,33 @@ class ShardSource(PackedSource):
         paths: PathLike | Sequence[PathLike] | Mapping[PathLike, float],
         seq_len: int,
         *,
+        weights: Sequence[float] | None = None,
         tokenizer: Any = None,
         vocab_size: int | None = None,
-        **kwargs: Any,
+        rank: int | None = None,
+        world_size: int | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_workers: int = 0,
+        num_epochs: int | None = None,
     ) -> None:
         if isinstance(paths, Mapping):
-            if kwargs.get("weights") is not None:
+            if weights is not None:
                 raise ValueError("give weights either in the mapping or as weights=, not both")
-            kwargs["weights"] = [float(w) for w in paths.values()]
+            weights = [float(w) for w in paths.values()]
             paths = list(paths.keys())
         elif isinstance(paths, (str, bytes)) or not isinstance(paths, Sequence):
             paths = [paths]
         stores = [ShardSet(p, tokenizer=tokenizer, vocab_size=vocab_size) for p in paths]
-        super().__init__(stores, seq_len, **kwargs)
+        super().__init__(
+            stores,
+            seq_len,
+            weights=weights,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            shuffle=shuffle,
+            num_workers=num_workers,
+            num_epochs=num_epochs,
+        )
         self.paths = [str(p) for p in paths]
