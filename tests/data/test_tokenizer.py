@@ -106,3 +106,16 @@ def test_train_errors(tmp_path):
     with pytest.raises(ValueError, match="not a tokenizer directory"):
         train_tokenizer(["text " * 10], tmp_path / "busy", vocab_size=300)
     assert (tmp_path / "busy" / "data.bin").exists()
+
+
+def test_cli_train_and_info(tmp_path, small_jsonl, capsys):
+    from myllm.cli import main
+
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", str(small_jsonl), "-o", str(out), "--vocab-size", "300"]) == 0
+    assert "vocab 300" in capsys.readouterr().out
+    assert main(["tokenizer", "info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["eos_token_id"] == 2 and info["chat_template"] and info["fingerprint"] == tokenizer_fingerprint(out)
+    assert main(["tokenizer", "info", str(tmp_path)]) == 2
+    assert "not a tokenizer directory" in capsys.readouterr().err
