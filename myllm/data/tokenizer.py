@@ -35,6 +35,11 @@ CHATML_TEMPLATE = (
 # Files one of which a HF tokenizer directory holds (fast, or slow vocabularies that transformers converts).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
+# What a tokenizer directory written here may hold; retraining replaces such a directory, never one with more.
+_REPLACEABLE = frozenset(
+    {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "added_tokens.json"}
+)
+
 TokenizerLike = Union["PreTrainedTokenizerBase", str, os.PathLike]
 
 
@@ -100,9 +105,14 @@ def train_tokenizer(
     if vocab_size < min_vocab:
         raise ValueError(f"vocab_size must be >= {min_vocab} (256 bytes + special tokens), got {vocab_size}")
     out = Path(out_dir)
-    ensure_writable_dir(out.parent if out.parent != Path("") else Path("."))
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / "tokenizer.json").exists():
-        raise ValueError(f"{out} exists and is not a tokenizer directory; choose a new or empty directory")
+    ensure_writable_dir(out.parent)
+    if out.exists():
+        others = sorted(p.name for p in out.iterdir() if p.name not in _REPLACEABLE) if out.is_dir() else [out.name]
+        if others:
+            raise ValueError(
+                f"{out} exists and holds more than a tokenizer ({', '.join(others[:5])}); it would be replaced "
+                "as a whole: choose a new or empty directory"
+            )
 
     count = [0]
 
@@ -144,7 +154,7 @@ def _save_dir_atomic(tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
     import shutil
     import tempfile
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         tokenizer.save_pretrained(tmp)
         if out.exists():

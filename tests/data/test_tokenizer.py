@@ -103,7 +103,7 @@ def test_train_errors(tmp_path):
         train_tokenizer([tmp_path / "missing.jsonl"], tmp_path / "t", vocab_size=300)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "data.bin").write_text("x")
-    with pytest.raises(ValueError, match="not a tokenizer directory"):
+    with pytest.raises(ValueError, match="holds more than a tokenizer"):
         train_tokenizer(["text " * 10], tmp_path / "busy", vocab_size=300)
     assert (tmp_path / "busy" / "data.bin").exists()
 
