@@ -1,1 +1,1 @@
-from lm_fixtures import lm_heldout, lm_model, lm_model_dir, lm_texts, lm_tokenizer  # noqa: F401
+from lm_fixtures import *  # noqa: F403  (tokenizer, tiny model, model directory, held-out JSONL)
