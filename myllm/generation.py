@@ -123,6 +123,8 @@ def generate_text(
         **sampling,
     )
     kwargs = cache_kwargs(model, cache, width + max_new_tokens)
+    if "cache_implementation" in kwargs:  # a generation-config field: passing it beside the config is deprecated
+        config.cache_implementation = kwargs.pop("cache_implementation")
     was_training = model.training
     model.eval()
     try:

@@ -161,33 +161,22 @@ def expert_load_figure(loads: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> 
     """
     if not loads or any(not layers for layers in loads.values()):
         raise ValueError("expert load plot: need at least one panel, each with at least one MoE layer")
-    import numpy as np
-
+    shares = {title: _shares(title, layers) for title, layers in loads.items()}
+    vmax = max(max(float(a.max()) for a in shares.values()), 1e-9)  # one colour scale for every panel
     n_rows = max(len(v) for v in loads.values())
     fig = _figure(figsize=(5.2 * len(loads) + 1, 0.45 * n_rows + 1.8), layout="constrained")
     axes = fig.subplots(1, len(loads), squeeze=False)[0]
     image = None
     for ax, (title, layers) in zip(axes, loads.items(), strict=True):
-        try:
-            counts = [[float(c) for c in entry["tokens_per_expert"]] for entry in layers.values()]
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(
-                f"expert load plot {title!r}: every layer needs a 'tokens_per_expert' list of numbers "
-                "(the format of myllm.blocks.ffn.moe.expert_load)"
-            ) from None
-        if len({len(c) for c in counts}) != 1:
-            raise ValueError(f"expert load plot {title!r}: layers have different numbers of experts")
-        share = np.array(counts, dtype=float)
-        share = share / np.maximum(share.sum(axis=1, keepdims=True), 1)
-        vmax = max(float(share.max()), 1e-9)
+        share = shares[title]
         image = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
         n_exp = share.shape[1]
         ax.set_xticks(range(n_exp))
         ax.set_xlabel("expert")
-        ax.set_yticks(range(len(counts)))
+        ax.set_yticks(range(share.shape[0]))
         ax.set_yticklabels([_layer_label(name) for name in layers])
         right = ax.secondary_yaxis("right")
-        right.set_yticks(range(len(counts)))
+        right.set_yticks(range(share.shape[0]))
         right.set_yticklabels([f"MaxVio {e.get('max_vio', math.nan):.2f}" for e in layers.values()])
         ax.set_title(title)
         if n_exp <= 16:
@@ -208,6 +197,23 @@ def plot_perplexity_bars(
 ) -> Path:
     """Write :func:`perplexity_figure` to the PNG ``path``."""
     return _save(perplexity_figure(results, metrics=metrics, title=title), path)
+
+
+def _shares(title: str, layers: Mapping[str, Mapping[str, Any]]) -> Any:
+    """``[layers, experts]`` share of each layer's routed tokens per expert (rows sum to 1; empty rows 0)."""
+    import numpy as np
+
+    try:
+        counts = [[float(c) for c in entry["tokens_per_expert"]] for entry in layers.values()]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(
+            f"expert load plot {title!r}: every layer needs a 'tokens_per_expert' list of numbers "
+            "(the format of myllm.blocks.ffn.moe.expert_load)"
+        ) from None
+    if len({len(c) for c in counts}) != 1:
+        raise ValueError(f"expert load plot {title!r}: layers have different numbers of experts")
+    share = np.array(counts, dtype=float)
+    return share / np.maximum(share.sum(axis=1, keepdims=True), 1)
 
 
 def perplexity_figure(

@@ -59,6 +59,11 @@ def test_expert_load_heatmap_cells_are_token_shares(tmp_path):
     assert [t.get_text() for t in ax.get_yticklabels()] == ["layer 0", "layer 1"]
     assert [t.get_text() for t in ax.child_axes[0].get_yticklabels()] == ["MaxVio 1.40", "MaxVio 0.00"]
     assert is_png(plots.plot_expert_load({"load": LOAD}, tmp_path / "load.png"))
+    # panels share one colour scale (the colour bar applies to all of them)
+    balanced = {"model.layers.0.mlp": {"tokens_per_expert": [5, 5, 5, 5], "max_vio": 0.0}}
+    fig = plots.expert_load_figure({"skewed": LOAD, "balanced": balanced})
+    panels = [a for a in fig.axes if a.images]
+    assert [a.images[0].get_clim() for a in panels] == [(0, 0.6), (0, 0.6)]
 
 
 def test_perplexity_bars_heights(tmp_path):
