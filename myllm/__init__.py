@@ -4,8 +4,9 @@ Importing myllm registers its blocks and (once the model package exists) the ``m
 transformers' Auto classes; it changes nothing else in transformers.
 """
 
-from myllm import blocks
-
 __version__ = "0.1.0"
 
-__all__ = ["blocks", "__version__"]
+from myllm import blocks  # noqa: E402
+from myllm import factory  # noqa: E402
+
+__all__ = ["blocks", "factory", "__version__"]
