@@ -7,7 +7,7 @@
 """
 
 from myllm.factory.layout import SLOT_KINDS, SLOT_TABLE, Layout, LayoutError, resolve_layout, select_layers
-from myllm.factory.movers import MOVERS, Mover, MoveError, register_mover
+from myllm.factory.movers import MOVERS, MoveError, Mover, register_mover
 from myllm.factory.recipe import RecipeError, register_base, register_tabled_bases, surgeries
 from myllm.factory.replace import SurgeryError, replace
 
