@@ -6,6 +6,6 @@ transformers' Auto classes; it changes nothing else in transformers.
 
 __version__ = "0.1.0"
 
-from myllm import blocks, factory  # noqa: E402
+from myllm import blocks, factory, surgery  # noqa: E402
 
-__all__ = ["blocks", "factory", "__version__"]
+__all__ = ["blocks", "factory", "surgery", "__version__"]
