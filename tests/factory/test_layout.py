@@ -8,7 +8,7 @@ import transformers
 from utils import TINY_CONFIGS, tiny_hf_model
 
 import myllm  # noqa: F401
-from myllm.factory import LayoutError, SLOT_TABLE, resolve_layout, select_layers
+from myllm.factory import SLOT_TABLE, LayoutError, resolve_layout, select_layers
 from myllm.factory.layout import discover_layout, explicit_targets, slot_targets
 
 ARCHS = list(TINY_CONFIGS)
