@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from myllm.factory import recipe
+from myllm.factory.engine import Journal, check_model_state
 from myllm.factory.layout import LayerSelector, LayoutError, slot_targets, target_at
-from myllm.factory.replace import Journal, check_model_state
 from myllm.surgery import freeze as freezing
 from myllm.surgery.routing import with_group
 
@@ -146,6 +146,8 @@ def _grow_block(
 
         new_experts = {k: grown(getattr(experts, k)) for k in ("gate_up_proj", "down_proj")}
         new_router = grown(router.weight)
+        for module in (experts, router):  # let post_init()/from_pretrained initialise what is not loaded
+            module.__dict__.pop("_is_hf_initialized", None)
     else:
         fused = {k: getattr(experts, k).detach() for k in ("gate_up_proj", "down_proj")}
         new_experts = grow_experts(fused, n_new, init=init, seed=seed, std=std)
