@@ -68,7 +68,7 @@ def test_frozen_expert_rows_are_bit_identical_under_optimizers(opt):
         assert not experts.gate_up_proj.grad[[0, 2]].any()  # gradient rows masked
         optimizer.step()
         optimizer.zero_grad()
-    for t, b in zip((experts.gate_up_proj, experts.down_proj, router.weight), before):
+    for t, b in zip((experts.gate_up_proj, experts.down_proj, router.weight), before, strict=True):
         assert torch.equal(t[[0, 2]], b[[0, 2]])
         assert not torch.equal(t[[1, 3]], b[[1, 3]])
     for value in optimizer.state[experts.gate_up_proj].values():

@@ -9,7 +9,7 @@ from utils import max_abs_diff, rel_rms
 
 from myllm.surgery import expert_as_dense, split_permutation, upcycle_dense
 
-H, I = 16, 24
+H, I = 16, 24  # noqa: E741  (the layout legend: H hidden, I intermediate)
 
 
 def _dense(seed=0, dtype=torch.float32):
