@@ -45,6 +45,7 @@ from torch import nn
 RECIPE_KEY = "myllm_surgeries"
 PREFIX = "myllm_"
 
+_MISSING = object()
 _OPS: dict[str, Callable[[nn.Module, dict[str, Any]], None]] = {}
 _REGISTERED: dict[str, tuple[type, type]] = {}
 
@@ -129,11 +130,27 @@ def _make_model_class(base_model: type, cfg_cls: type) -> type:
             return out
         return (total, *out[1:])
 
-    return type(
+    def from_pretrained(cls, *args, **kwargs):
+        """``from_pretrained`` that refuses missing, unexpected or mismatched keys (never re-initialises silently)."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super(model_cls, cls).from_pretrained(*args, output_loading_info=True, **kwargs)
+        bad = {k: sorted(info[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+        if bad:
+            raise RecipeError(f"the checkpoint does not match the recorded structure of {cls.__name__}: {bad}")
+        return (model, info) if want_info else model
+
+    model_cls = type(
         f"Myllm{base_model.__name__}",
         (base_model,),
-        {"config_class": cfg_cls, "__init__": __init__, "forward": forward, "__module__": __name__},
+        {
+            "config_class": cfg_cls,
+            "__init__": __init__,
+            "forward": forward,
+            "from_pretrained": classmethod(from_pretrained),
+            "__module__": __name__,
+        },
     )
+    return model_cls
 
 
 def register_base(model_type: str) -> tuple[type, type]:
@@ -197,15 +214,24 @@ def promote(model: nn.Module) -> Callable[[], None]:
     old_cfg_cls, old_model_cls = type(model.config), type(model)
     model.config.__class__ = cfg_cls
     model.__class__ = model_cls
+    # a config read from config.json also holds model_type as an instance attribute
+    instance_type = model.config.__dict__.get("model_type", _MISSING)
+    if instance_type is not _MISSING:
+        model.config.model_type = cfg_cls.model_type
+    # A model loaded by from_pretrained remembers the checkpoint key conversions of its base type (e.g. the
+    # per-expert legacy layout of Mixtral/Qwen-MoE) and save_pretrained would write that layout back. The
+    # myllm_<base> type has no conversion mapping, so its checkpoints hold the in-memory (v5 fused) layout.
+    conversions = model.__dict__.pop("_weight_conversions", _MISSING)
 
     def undo() -> None:
         model.config.__class__ = old_cfg_cls
         model.__class__ = old_model_cls
+        if instance_type is not _MISSING:
+            model.config.model_type = instance_type
+        if conversions is not _MISSING:
+            model._weight_conversions = conversions
 
     return undo
-
-
-_MISSING = object()
 
 
 def record(model: nn.Module, entry: dict[str, Any], config_updates: dict[str, tuple[Any, Any]] | None = None):

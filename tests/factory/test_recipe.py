@@ -122,3 +122,31 @@ def test_unknown_recipe_op_is_an_error():
     model = tiny_hf_model("llama")
     with pytest.raises(RecipeError, match="unknown recipe op 'prune'"):
         replay(model, [{"op": "prune", "myllm_version": "9.9"}])
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_loaded_then_changed_model_saves_its_own_layout(arch, tmp_path):
+    """A model loaded with a key conversion (v5 MoE bases) is saved in the myllm (fused) layout after surgery."""
+    tiny_hf_model(arch).save_pretrained(tmp_path / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    ids = tokens()
+    ref = model(ids).logits
+    replace(model, "attention", "eager")
+    add_experts(model, 1)
+    model.save_pretrained(tmp_path / "changed")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "changed")  # strict: raises on mismatch
+    assert_close(loaded(ids).logits, ref, atol=1e-5)
+
+
+def test_checkpoint_that_does_not_match_the_recipe_fails_loudly(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_hf_model("llama")
+    replace(model, "ffn", "dense", layers=[1])
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(RecipeError, match=r"does not match.*missing_keys.*layers\.1\.mlp\.up_proj"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
