@@ -6,6 +6,7 @@
 (see :mod:`myllm.factory.recipe`).
 """
 
+from myllm.factory import moe_movers  # noqa: F401  (registers the MoE weight movers)
 from myllm.factory.engine import SurgeryError, replace
 from myllm.factory.layout import SLOT_KINDS, SLOT_TABLE, Layout, LayoutError, resolve_layout, select_layers
 from myllm.factory.movers import MOVERS, MoveError, Mover, register_mover

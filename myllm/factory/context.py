@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from myllm.blocks.registry import BlockSpec
+from myllm import blocks
+from myllm.blocks.registry import BlockConfig, BlockSpec
 
 Facts = dict[str, Any]
 
@@ -106,6 +107,37 @@ def ffn_facts(module: nn.Module, config: Any, layer_idx: int) -> Facts:
         value = getattr(router, theirs, getattr(module, theirs, None))
         if value is not None:
             facts[ours] = value
+    facts.update(_moe_facts(module, config))
+    return facts
+
+
+class _BaseTypeView:
+    """A config seen with its base ``model_type`` (``myllm_qwen2_moe`` -> ``qwen2_moe``)."""
+
+    def __init__(self, config: Any) -> None:
+        self._config = config
+        self.model_type = getattr(config, "myllm_base_model_type", None) or getattr(config, "model_type", None)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._config, name)
+
+
+def _moe_facts(module: nn.Module, config: Any) -> Facts:
+    """Everything about an MoE block: a myllm block's own config, or an HF block's via its model config."""
+    own = getattr(module, "block_config", None)
+    if isinstance(own, BlockConfig):
+        return dict(own)
+    experts = getattr(module, "experts", None)
+    if not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor) or "moe" not in blocks.available("ffn"):
+        return {}
+    from myllm.blocks.ffn.moe import hf
+
+    try:
+        facts = hf.moe_kwargs_from_hf(_BaseTypeView(config))
+    except (KeyError, ValueError):
+        return {}
+    # the block itself is the truth for sizes (e.g. after add_experts)
+    facts["n_experts"] = experts.gate_up_proj.shape[0]
     return facts
 
 

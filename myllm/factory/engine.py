@@ -232,13 +232,14 @@ def execute(model: nn.Module, plan: Plan, *, entry: dict[str, Any] | None) -> No
     targets = {id(s.target.module) for s in plan.steps}
     inside = {id(t) for s in plan.steps for t in _tensors(s.target.module)}
     outside = {id(t) for m in model.modules() if id(m) not in targets for t in _tensors(m) if id(t) not in inside}
+    options = {**plan.options, "_std": float(getattr(model.config, "initializer_range", None) or 0.02)}
     try:
         for step in plan.steps:
             old = step.target.module
             new = step.mover.build(plan.spec, step.kwargs, old, step.dtype, step.device)
-            step.mover.fill(old, new, plan.options)
+            step.mover.fill(old, new, options)
             journal.swap(step.target.parent, step.target.attr, new)
-            if step.mover.invertible:
+            if step.mover.is_invertible(plan.options):
                 keep = outside | {id(t) for t in _tensors(new)}
                 released = release_tensors(old, keep)
                 if released:

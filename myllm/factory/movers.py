@@ -90,15 +90,78 @@ class Mover(abc.ABC):
         return build_block(spec, kwargs, dtype=dtype, device=device)
 
     def fill(self, old: nn.Module, new: nn.Module, options: dict[str, Any]) -> None:
+        """Move the weights; ``options`` are the caller's surgery options plus ``"_std"`` (the model's init std)."""
         return None
+
+    def is_invertible(self, options: dict[str, Any]) -> bool:
+        """Whether :meth:`restore` can rebuild the old tensors exactly for these options."""
+        return self.invertible
 
     def restore(self, old: nn.Module, new: nn.Module) -> None:
         raise MoveError(f"mover {self.name} cannot restore released weights")
 
 
-def _meta_build(spec: BlockSpec, kwargs: dict[str, Any]) -> nn.Module:
-    with torch.device("meta"):
+def _meta_build(spec: BlockSpec, kwargs: dict[str, Any], dtype: torch.dtype | None = None) -> nn.Module:
+    with torch.device("meta"), default_dtype(dtype or torch.get_default_dtype()):
         return spec.build(**kwargs)
+
+
+def meta_buildable(module: nn.Module) -> bool:
+    """Whether a meta-built module can be materialised without running its constructor again.
+
+    Non-persistent floating buffers (e.g. RoPE's ``inv_freq``) are computed by constructors and cannot be
+    re-created generically; integer ones (statistics) start at zero.
+    """
+    for mod in module.modules():
+        for name in mod._non_persistent_buffers_set:
+            buf = mod._buffers.get(name)
+            if buf is not None and buf.is_floating_point():
+                return False
+    return True
+
+
+@torch.no_grad()
+def materialize(
+    module: nn.Module,
+    device: torch.device | str,
+    tensors: dict[str, torch.Tensor],
+    *,
+    std: float,
+    zero: tuple[str, ...] = (),
+) -> nn.Module:
+    """Give a meta-built module real tensors on ``device``, in place.
+
+    Args:
+        tensors: state-dict key -> tensor to use as is (no copy; a ``Parameter`` is reused, so sharing it
+            with another module shares the weight).
+        std: init of every other weight of 2 or more dims: ``N(0, std)``; 1-D ``weight`` -> ones,
+            ``bias`` and buffers -> zeros.
+        zero: keys (suffixes) initialised to zeros instead.
+    """
+    for mod_name, mod in module.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        for name, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            key = prefix + name
+            if key in tensors:
+                t = tensors[key]
+                mod._parameters[name] = t if isinstance(t, nn.Parameter) else nn.Parameter(t, p.requires_grad)
+                continue
+            new = torch.empty(p.shape, dtype=p.dtype, device=device)
+            if any(key.endswith(z) for z in zero) or name == "bias":
+                new.zero_()
+            elif p.dim() >= 2:
+                new.normal_(0.0, std)
+            else:
+                new.fill_(1.0)
+            mod._parameters[name] = nn.Parameter(new, p.requires_grad)
+        for name, b in list(mod._buffers.items()):
+            if b is None:
+                continue
+            key = prefix + name
+            mod._buffers[name] = tensors[key] if key in tensors else torch.zeros(b.shape, dtype=b.dtype, device=device)
+    return module
 
 
 class SameStateMover(Mover):
