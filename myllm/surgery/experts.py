@@ -154,8 +154,10 @@ def _grow_block(
         new_router = grow_rows(router.weight.detach(), n_new, init=init, seed=seed + 2, std=std)
     for key, value in new_experts.items():
         _set_rows(experts, key, value, journal)
-    if hasattr(experts, "num_experts"):
-        _set_attr(experts, "num_experts", n_old + n_new, journal)
+    for obj in (block, experts):
+        for attr in ("num_experts", "n_experts"):
+            if getattr(obj, attr, None) == n_old:
+                _set_attr(obj, attr, n_old + n_new, journal)
     grown_router = with_group(router, n_new, top_k_new)
     _set_rows(grown_router, "weight", new_router, None)  # the old router object keeps its weight
     old_router = getattr(block, router_attr)

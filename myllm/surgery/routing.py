@@ -20,6 +20,8 @@ transformers' output capture (``isinstance`` on the HF router class) still recor
 
 from __future__ import annotations
 
+import dataclasses
+import types
 from typing import Any
 
 import torch
@@ -46,24 +48,44 @@ class _FirstRows:
             return value[: self._n]
         if name in ("num_experts", "n_experts"):
             return self._n
+        if isinstance(value, types.MethodType) and value.__self__ is self._router:
+            return types.MethodType(value.__func__, self)  # the router's own methods see the view too
         return value
 
 
 def _grown_forward(self, hidden_states: torch.Tensor):
-    """``hidden_states [N, H]`` -> ``(router_logits [N, E_total], weights [N, K_total], indices [N, K_total])``."""
+    """Route ``hidden_states [N, H]``: the base router on the first ``E`` experts plus each added group.
+
+    Returns what the base router returns, widened: HF routers ``(logits [N, E_total], weights [N, K_total],
+    indices [N, K_total])``; myllm's :class:`~myllm.blocks.ffn.moe.Router` a ``RouterOutput`` whose
+    ``logits``/``scores`` are ``[N, E_total]`` and ``weights``/``indices`` ``[N, K_total]``.
+    """
     base = type(self)._myllm_base_router_class
-    n_base = self.myllm_groups[0][1]
-    logits, weights, indices = base.forward(_FirstRows(self, n_base), hidden_states)
-    x = hidden_states.reshape(-1, self.weight.shape[1])
-    all_logits, all_weights, all_indices = [logits], [weights], [indices]
+    result = base.forward(_FirstRows(self, self.myllm_groups[0][1]), hidden_states)
+    x = hidden_states.reshape(-1, self.weight.shape[1]).to(self.weight.dtype)
+    logits, probs, weights, indices = [], [], [], []
     for start, end, top_k in self.myllm_groups[1:]:
-        group_logits = F.linear(x.to(self.weight.dtype), self.weight[start:end])  # [N, n_group]
-        probs = group_logits.float().softmax(dim=-1)
-        top_w, top_i = probs.topk(top_k, dim=-1)
-        all_logits.append(group_logits.to(logits.dtype))
-        all_weights.append(top_w.to(weights.dtype))
-        all_indices.append(top_i + start)
-    return torch.cat(all_logits, dim=-1), torch.cat(all_weights, dim=-1), torch.cat(all_indices, dim=-1)
+        group_logits = F.linear(x, self.weight[start:end])  # [N, n_group]
+        group_probs = group_logits.float().softmax(dim=-1)
+        top_w, top_i = group_probs.topk(top_k, dim=-1)
+        logits.append(group_logits)
+        probs.append(group_probs)
+        weights.append(top_w)
+        indices.append(top_i + start)
+    if isinstance(result, tuple):
+        old_logits, old_weights, old_indices = result
+        return (
+            torch.cat([old_logits, *(t.to(old_logits.dtype) for t in logits)], dim=-1),
+            torch.cat([old_weights, *(t.to(old_weights.dtype) for t in weights)], dim=-1),
+            torch.cat([old_indices, *indices], dim=-1),
+        )
+    return dataclasses.replace(
+        result,
+        logits=torch.cat([result.logits, *(t.to(result.logits.dtype) for t in logits)], dim=-1),
+        scores=torch.cat([result.scores, *(t.to(result.scores.dtype) for t in probs)], dim=-1),
+        weights=torch.cat([result.weights, *(t.to(result.weights.dtype) for t in weights)], dim=-1),
+        indices=torch.cat([result.indices, *indices], dim=-1),
+    )
 
 
 def grown_router_class(base: type) -> type:
@@ -81,15 +103,22 @@ def grown_router_class(base: type) -> type:
 def with_group(router: nn.Module, n_new: int, top_k_new: int) -> nn.Module:
     """A new router object (sharing ``router``'s tensors) that routes ``n_new`` more experts as a group.
 
-    The caller grows ``weight`` to ``[E_total + n_new, H]``; ``num_experts`` is updated on the new object.
+    The caller grows ``weight`` to ``[E_total + n_new, H]``. Expert counts (``num_experts`` / ``n_experts``)
+    and per-expert buffers (statistics, a DeepSeek selection bias; new rows zero) grow on the new object.
     """
     cls = grown_router_class(type(router))
     new = reclass(router, cls)
     total = int(router.weight.shape[0])
     groups = list(getattr(router, "myllm_groups", [(0, total, int(getattr(router, "top_k", 0)))]))
     new.myllm_groups = groups + [(total, total + n_new, top_k_new)]
-    if hasattr(router, "num_experts"):
-        new.num_experts = total + n_new
+    for attr in ("num_experts", "n_experts"):
+        if getattr(router, attr, None) == total:
+            setattr(new, attr, total + n_new)
+    for name, buf in list(new._buffers.items()):
+        if buf is not None and buf.dim() >= 1 and buf.shape[0] == total:
+            grown = torch.zeros((total + n_new, *buf.shape[1:]), dtype=buf.dtype, device=buf.device)
+            grown[:total].copy_(buf)
+            new._buffers[name] = grown
     return new
 
 
