@@ -8,6 +8,7 @@
 
 from myllm.factory import moe_movers  # noqa: F401  (registers the MoE weight movers)
 from myllm.factory.engine import SurgeryError, replace
+from myllm.factory.export import ExportError, export
 from myllm.factory.layout import SLOT_KINDS, SLOT_TABLE, Layout, LayoutError, resolve_layout, select_layers
 from myllm.factory.movers import MOVERS, MoveError, Mover, register_mover
 from myllm.factory.recipe import RecipeError, register_base, register_tabled_bases, surgeries
@@ -18,12 +19,14 @@ __all__ = [
     "MOVERS",
     "SLOT_KINDS",
     "SLOT_TABLE",
+    "ExportError",
     "Layout",
     "LayoutError",
     "MoveError",
     "Mover",
     "RecipeError",
     "SurgeryError",
+    "export",
     "register_base",
     "register_mover",
     "replace",
