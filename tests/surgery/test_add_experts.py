@@ -40,8 +40,11 @@ def test_outputs_unchanged_at_insertion_and_check_detects_a_change(arch):
 @pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
 def test_router_logits_cover_old_and_new_experts(arch):
     model = tiny_hf_model(arch)
+    # a first forward installs transformers' output-capture hooks on the HF routers (lazily, by isinstance)
+    assert len(model(tokens(), output_router_logits=True).router_logits) == 2
     add_experts(model, 3, top_k_new=2)
     out = model(tokens(), output_router_logits=True, labels=tokens())
+    assert len(out.router_logits) == 2  # the grown routers kept the hooks: each layer captured exactly once
     assert all(r.shape == (18, 4 + 3) for r in out.router_logits)
     assert model.num_experts == 7 and torch.isfinite(out.loss)
 
