@@ -27,7 +27,7 @@ from torch import nn
 
 from myllm import blocks
 from myllm.blocks.registry import BlockSpec
-from myllm.factory import postnorm, recipe
+from myllm.factory import myllm_model, postnorm, recipe
 from myllm.factory.context import block_kwargs, module_dtype_device, module_facts
 from myllm.factory.layout import (
     SLOT_KINDS,
@@ -67,6 +67,7 @@ class Plan:
     options: dict[str, Any]
     layers: list[int] | None
     layer_switches: list[tuple[Target, type]] = field(default_factory=list)
+    final_norm: Target | None = None  # MyLLM: the final norm, rebuilt from the updated specs
 
 
 def check_model_state(model: nn.Module) -> None:
@@ -95,6 +96,14 @@ def _plan_layer_switches(model: nn.Module, plan: Plan) -> None:
     """For norm replacements: which decoder layers must switch between pre- and post-norm residuals."""
     layout = plan.layout
     new_placement = getattr(plan.spec.builder, "placement", "pre")
+    if layout is None:
+        if new_placement == "post":
+            raise LayoutError(
+                "post-norm blocks need a decoder layout the factory understands (slot table or fallback)"
+            )
+        return
+    if getattr(type(model.config), "model_type", None) == "myllm":
+        return  # MyLLM decoder layers read each norm's placement themselves
     by_layer: dict[int, tuple[nn.Module, Target]] = {}
     for step in plan.steps:
         layer = _layer_of(layout, step.target, model)
@@ -165,6 +174,10 @@ def plan_replace(
     else:
         layout, chosen = slot_targets(model, kind, layers)
         layer_list = sorted({t.layer_idx for t in chosen if t.path.startswith(layout.layers + ".")})
+    final_norm = None
+    if myllm_model.is_myllm(model) and layout is not None and not structural:
+        final_norm = next((t for t in chosen if t.path == layout.final_norm), None)
+        chosen = [t for t in chosen if t is not final_norm]  # rebuilt from the specs (may be an Identity)
     steps = []
     for t in chosen:
         facts = module_facts(kind, t.module, model.config, t.layer_idx)
@@ -180,7 +193,31 @@ def plan_replace(
     plan = Plan(kind=kind, spec=spec, layout=layout, steps=steps, options=options, layers=layer_list)
     if kind == "norm":
         _plan_layer_switches(model, plan)
+    if myllm_model.is_myllm(model) and not structural:
+        _plan_myllm(model, plan, final_norm)
     return plan
+
+
+def _plan_myllm(model: nn.Module, plan: Plan, final_norm: Target | None) -> None:
+    """MyLLM records replacements as block specs: every target must be a whole slot of a decoder layer."""
+    layout = plan.layout
+    per_layer: dict[int, set[str]] = {}
+    for step in plan.steps:
+        if _layer_of(layout, step.target, model) is None:
+            raise LayoutError(f"{step.target.path} is not a slot of a MyLLM decoder layer")
+        per_layer.setdefault(step.target.layer_idx, set()).add(step.target.attr)
+    need = set(layout.slots[plan.kind])
+    partial = sorted(i for i, attrs in per_layer.items() if attrs != need)
+    if partial:
+        raise LayoutError(
+            f"MyLLM builds a slot's modules from one spec per layer: replace all of {sorted(need)} in layers {partial}"
+        )
+    if final_norm is not None:
+        if len(per_layer) != model.config.num_hidden_layers:
+            raise LayoutError("MyLLM's final norm follows the model-level norm spec: replace the norms of all layers")
+        plan.final_norm = final_norm
+    if not plan.steps:
+        raise LayoutError("nothing to replace")
 
 
 def _swap(parent: nn.Module, attr: str, module: nn.Module) -> None:
@@ -253,11 +290,26 @@ def execute(model: nn.Module, plan: Plan, *, entry: dict[str, Any] | None) -> No
             journal.swap(target.parent, target.attr, postnorm.reclass(getattr(target.parent, target.attr), cls))
             if hasattr(model, "_no_split_modules") and isinstance(model._no_split_modules, set):
                 model._no_split_modules.add(cls.__name__)
-        if entry is not None:
+        if entry is not None and myllm_model.is_myllm(model):
+            _record_myllm(model, plan, journal)
+        elif entry is not None:
             journal.add(recipe.record(model, entry))
     except BaseException:
         journal.rollback()
         raise
+
+
+def _record_myllm(model: nn.Module, plan: Plan, journal: Journal) -> None:
+    specs = {
+        s.target.layer_idx: myllm_model.block_spec(model.config, plan.kind, plan.spec.name, s.kwargs)
+        for s in plan.steps
+    }
+    journal.add(myllm_model.update_specs(model, plan.kind, specs, plan.final_norm is not None))
+    if plan.kind == "norm":
+        myllm_model.rewire_norms(model, sorted(specs), journal)
+    if plan.final_norm is not None:
+        t = plan.final_norm
+        journal.swap(t.parent, t.attr, myllm_model.final_norm_module(model, t.module))
 
 
 def _common_and_per_target(steps: list[Step]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

@@ -210,6 +210,11 @@ def add_experts(
     if init not in GROW_INITS:
         raise ValueError(f"unknown init {init!r} for new experts; valid: {', '.join(GROW_INITS)}")
     check_model_state(model)
+    if getattr(type(model.config), "model_type", None) == "myllm":
+        raise ValueError(
+            "add_experts on MyLLM models is not supported yet: MyLLM rebuilds its blocks from config specs, "
+            "which cannot express added expert groups"
+        )
     recipe.check_promotable(model)
     _, all_targets = slot_targets(model, "ffn", None)
     moe_paths = [t.path for t in all_targets if moe_parts(t.module) is not None]
