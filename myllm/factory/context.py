@@ -67,13 +67,12 @@ def attention_facts(module: nn.Module, config: Any, layer_idx: int) -> Facts:
     eps = _eps(q_norm) or _config_get(config, "rms_norm_eps", "layer_norm_eps")
     if eps is not None:
         facts["norm_eps"] = eps
-    for ours, theirs in (
-        ("dropout", "attention_dropout"),
-        ("scaling", "scaling"),
-        ("sliding_window", "sliding_window"),
-    ):
+    for ours, theirs in (("dropout", "attention_dropout"), ("sliding_window", "sliding_window")):
         if hasattr(module, theirs):
             facts[ours] = getattr(module, theirs)
+    scaling = getattr(module, "scaling", None)
+    if scaling is not None and head_dim and abs(scaling - head_dim**-0.5) > 1e-12:  # e.g. Gemma's query scalar
+        facts["scaling"] = scaling
     rope = _config_get(config, "rope_parameters")
     if rope is not None:
         facts["rope_parameters"] = dict(rope)
