@@ -58,7 +58,8 @@ def _grown_forward(self, hidden_states: torch.Tensor):
 
     Returns what the base router returns, widened: HF routers ``(logits [N, E_total], weights [N, K_total],
     indices [N, K_total])``; myllm's :class:`~myllm.blocks.ffn.moe.Router` a ``RouterOutput`` whose
-    ``logits``/``scores`` are ``[N, E_total]`` and ``weights``/``indices`` ``[N, K_total]``.
+    ``logits``/``scores`` are ``[N, E_total]`` and ``weights``/``indices`` ``[N, K_total]`` (a named tuple or
+    dataclass with those fields).
     """
     base = type(self)._myllm_base_router_class
     result = base.forward(_FirstRows(self, self.myllm_groups[0][1]), hidden_states)
@@ -72,15 +73,16 @@ def _grown_forward(self, hidden_states: torch.Tensor):
         probs.append(group_probs)
         weights.append(top_w)
         indices.append(top_i + start)
-    if isinstance(result, tuple):
+    named = hasattr(result, "_replace") or dataclasses.is_dataclass(result)  # myllm's RouterOutput
+    if not named:
         old_logits, old_weights, old_indices = result
         return (
             torch.cat([old_logits, *(t.to(old_logits.dtype) for t in logits)], dim=-1),
             torch.cat([old_weights, *(t.to(old_weights.dtype) for t in weights)], dim=-1),
             torch.cat([old_indices, *indices], dim=-1),
         )
-    return dataclasses.replace(
-        result,
+    replace = result._replace if hasattr(result, "_replace") else lambda **kw: dataclasses.replace(result, **kw)
+    return replace(
         logits=torch.cat([result.logits, *(t.to(result.logits.dtype) for t in logits)], dim=-1),
         scores=torch.cat([result.scores, *(t.to(result.scores.dtype) for t in probs)], dim=-1),
         weights=torch.cat([result.weights, *(t.to(result.weights.dtype) for t in weights)], dim=-1),
