@@ -70,3 +70,20 @@ def test_lora_trains_merges_and_round_trips(from_disk, tmp_path):
     fresh = _changed_model() if not from_disk else transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter")
     assert_close(reloaded(input_ids=ids).logits, unmerged, atol=1e-5)
+
+
+def test_lora_on_an_upcycled_model_with_myllm_moe(tmp_path):
+    pytest.importorskip("myllm.blocks.ffn.moe", reason="the moe block comes from the moe branch")
+    model = tiny_hf_model("llama")
+    replace(model, "ffn", "moe", n_experts=4, top_k=2, balance={"switch": 0.01})
+    model.save_pretrained(tmp_path / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(model, _lora())
+    assert any("experts.lora_A" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+    _train(peft_model)  # labels: the LM loss plus the blocks' balancing loss
+    ids = tokens()
+    unmerged = peft_model(input_ids=ids).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert_close(peft_model.merge_and_unload()(input_ids=ids).logits, unmerged, atol=1e-4)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    assert_close(PeftModel.from_pretrained(base, tmp_path / "adapter")(input_ids=ids).logits, unmerged, atol=1e-5)
