@@ -10,10 +10,9 @@ import transformers
 from utils import assert_close, assert_unchanged, max_abs_diff, model_snapshot, tokens
 
 import myllm
+from myllm import models
 from myllm.factory import LayoutError, replace
 from myllm.surgery import add_experts
-
-models = pytest.importorskip("myllm.models", reason="the MyLLM model comes from the model branch")
 
 
 def _tiny(**kwargs):
