@@ -2,6 +2,7 @@
 
     myllm surgery replace SRC OUT ffn moe --set n_experts=8 --set top_k=2 --set init=copy --layers 0-11
     myllm surgery add-experts SRC OUT 2 --top-k-new 1
+    myllm surgery export SRC OUT          # a native architecture (e.g. Mixtral) plain transformers loads
     myllm surgery replace SRC OUT attention sdpa --targets 'model\\.layers\\.[0-3]\\.self_attn'
 
 ``--set KEY=VALUE`` values are parsed as JSON when possible (``8``, ``true``, ``1e-5``, ``{"switch": 0.01}``),
@@ -70,6 +71,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--top-k-new", type=int, default=1)
     a.add_argument("--init", default="copy", choices=["copy", "random"])
     a.add_argument("--no-freeze", action="store_true", help="do not freeze the existing experts")
+    e = ops.add_parser("export", parents=[common], help="myllm.factory.export to a native architecture")
+    e.set_defaults(layers=None)
     p.set_defaults(func=run)
 
 
@@ -103,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     import transformers
 
     import myllm
+    from myllm import factory
     from myllm.factory import replace
 
     if not os.path.isdir(args.src):
@@ -110,6 +114,12 @@ def run(args: argparse.Namespace) -> int:
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     model = transformers.AutoModelForCausalLM.from_pretrained(args.src, dtype=dtype)
     layers = parse_layers(args.layers)
+    if args.op == "export":
+        if os.path.exists(args.out) and not args.overwrite:
+            raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
+        target = factory.export(model, args.out)
+        print(f"exported {type(model).__name__} as {target} to {args.out}")
+        return 0
     if args.op == "replace":
         replace(model, args.kind, args.name, layers=layers, targets=args.targets, **parse_sets(args.sets))
     else:

@@ -54,6 +54,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     assert main(["surgery", "replace", str(tmp_path / "src"), str(tmp_path / "src"), "norm", "rmsnorm"]) == 2
     assert "exists" in capsys.readouterr().err
+    assert main(["surgery", "export", str(tmp_path / "src"), str(tmp_path / "native")]) == 0  # no change: llama
+    assert "as llama" in capsys.readouterr().out
+    assert main(["surgery", "replace", str(tmp_path / "src"), str(tmp_path / "dn"), "norm", "deepnorm"]) == 0
+    assert main(["surgery", "export", str(tmp_path / "dn"), str(tmp_path / "native2")]) == 2
+    assert "DeepNorm" in capsys.readouterr().err and not (tmp_path / "native2").exists()
 
 
 def test_parsers():
