@@ -102,7 +102,7 @@ def _plan_layer_switches(model: nn.Module, plan: Plan) -> None:
                 "post-norm blocks need a decoder layout the factory understands (slot table or fallback)"
             )
         return
-    if getattr(type(model.config), "model_type", None) == "myllm":
+    if myllm_model.is_myllm(model):
         return  # MyLLM decoder layers read each norm's placement themselves
     by_layer: dict[int, tuple[nn.Module, Target]] = {}
     for step in plan.steps:
@@ -248,9 +248,12 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
 
 
 def release_tensors(old: nn.Module, keep: set[int]) -> list[tuple[torch.Tensor, torch.Size]]:
-    """Free the storage of ``old``'s tensors not in ``keep`` (ids); returns what is needed to re-allocate."""
+    """Free the storage of ``old``'s parameters not in ``keep`` (ids); returns what is needed to re-allocate.
+
+    The parameter objects stay (same identity, emptied), so :meth:`Mover.restore` can refill them exactly.
+    """
     released = []
-    for t in _tensors(old):
+    for t in old.parameters():
         if id(t) in keep or t.numel() == 0:
             continue
         released.append((t, t.shape))
