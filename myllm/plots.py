@@ -6,8 +6,8 @@ object API on the Agg canvas (no ``pyplot``, no global backend switch) and writt
 
 Files a run directory may hold, and what :func:`plot_run` draws from them:
 
-* ``metrics.jsonl`` (the training loop's records, ``{"step", "loss", ...}`` per line), in the directory or in
-  its sub-directories (one curve each, labelled by the sub-directory) -> ``loss.png``;
+* ``metrics.jsonl`` (the training loop's records, ``{"step", "loss", ...}`` per line), in the directory or
+  anywhere below it (one curve each, labelled by its folder) -> ``loss.png``;
 * ``expert_load.json``: ``{panel title: myllm.blocks.ffn.moe.expert_load(model)}`` -> ``expert_load.png``;
 * ``ppl.json``: ``{model label: myllm.eval.perplexity(...) result}`` -> ``ppl.png``.
 """
@@ -250,19 +250,22 @@ def perplexity_figure(
 
 
 def find_metrics(run_dir: str | os.PathLike) -> dict[str, Path]:
-    """``label -> metrics file`` of a run directory: its own ``metrics.jsonl`` and its sub-directories'."""
+    """``label -> metrics file`` of every ``metrics.jsonl`` under a run directory (hidden directories skipped);
+    the label is the file's folder relative to ``run_dir`` (the run directory's own name for its own file)."""
     root = Path(run_dir)
     found = {}
-    if (root / METRICS_FILE).is_file():
-        found[root.name or str(root)] = root / METRICS_FILE
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        if (sub / METRICS_FILE).is_file():
-            found[sub.name] = sub / METRICS_FILE
+    for path in sorted(root.rglob(METRICS_FILE)):
+        rel = path.parent.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        found[str(rel) if rel.parts else (root.name or str(root))] = path
     return found
 
 
-def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
+def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, key: str = "loss") -> list[Path]:
     """Draw every plot the run directory has data for (see the module docstring) into ``out_dir`` (default: it).
+
+    ``key``: the metric drawn as loss curves (``loss``; ``ce`` for the cross-entropy without MoE balancing terms).
 
     Raises:
         FileNotFoundError: ``run_dir`` is not a directory.
@@ -284,7 +287,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     # every figure is built before any file is written: bad input leaves no partial set of plots behind
     figures = {}
     if metrics:
-        figures["loss.png"] = loss_figure(metrics, title=f"training loss ({root.name})")
+        figures["loss.png"] = loss_figure(metrics, key=key, title=f"training {key} ({root.name})")
     if load_file.is_file():
         figures["expert_load.png"] = expert_load_figure(read_json(load_file, "expert load file"))
     if ppl_file.is_file():

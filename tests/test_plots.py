@@ -78,12 +78,14 @@ def test_plot_run_draws_everything_the_run_has(tmp_path):
     run = tmp_path / "run"
     write_metrics(run / "dense" / "metrics.jsonl", records(10, 5, 0.1))
     write_metrics(run / "moe" / "metrics.jsonl", records(10, 5, 0.2))
+    write_metrics(run / "runs" / "deep" / "metrics.jsonl", records(10, 5, 0.3))
+    write_metrics(run / ".tmp-stage" / "metrics.jsonl", records(10, 5, 0.3))
     (run / "expert_load.json").write_text(json.dumps({"after training": LOAD}))
     (run / "ppl.json").write_text(json.dumps({"dense": {"ppl": 3.0, "bits_per_byte": 1.0}}))
     written = plots.plot_run(run, tmp_path / "figs")
     assert sorted(p.name for p in written) == ["expert_load.png", "loss.png", "ppl.png"]
     assert all(is_png(p) for p in written)
-    assert sorted(plots.find_metrics(run)) == ["dense", "moe"]
+    assert sorted(plots.find_metrics(run)) == ["dense", "moe", "runs/deep"]
 
 
 def test_plot_run_bad_input_writes_nothing(tmp_path):
