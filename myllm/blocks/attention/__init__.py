@@ -3,3 +3,4 @@
 from myllm.blocks.attention.base import Attention, AttentionConfig, EagerAttention, SdpaAttention
 
 __all__ = ["Attention", "AttentionConfig", "EagerAttention", "SdpaAttention"]
+from myllm.blocks.attention import moba  # noqa: E402,F401  (registers "moba")
