@@ -59,7 +59,13 @@ def _ref(mask=None, **kw):
 
 @pytest.mark.parametrize(
     "bsz, n_heads, n_kv, length, head_dim, chunk, top_k",
-    [(1, 2, 2, 37, 8, 5, 3), (2, 4, 2, 37, 8, 5, 3), (2, 6, 2, 63, 12, 8, 2), (1, 4, 1, 40, 8, 4, 1), (2, 2, 1, 33, 4, 3, 20)],
+    [
+        (1, 2, 2, 37, 8, 5, 3),
+        (2, 4, 2, 37, 8, 5, 3),
+        (2, 6, 2, 63, 12, 8, 2),
+        (1, 4, 1, 40, 8, 4, 1),
+        (2, 2, 1, 33, 4, 3, 20),
+    ],
     ids=["mha", "gqa", "gqa3-odd", "mqa-topk1", "topk-covers-all"],
 )
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
@@ -185,7 +191,9 @@ def test_decode_step_selects_blocks_sparsely():
     """A decode query ignores unselected past blocks: changing them leaves the output unchanged."""
     q, k, v = _qkv(1, 2, 2, 1, 64, 8)
     out = moba_attention(q, k, v, chunk_size=8, top_k=2)
-    allowed = moba_mask(q, k, query_intervals(None, batch=1, q_len=1, kv_len=64, device=q.device), chunk_size=8, top_k=2)
+    allowed = moba_mask(
+        q, k, query_intervals(None, batch=1, q_len=1, kv_len=64, device=q.device), chunk_size=8, top_k=2
+    )
     assert int(allowed.sum()) == 2 * 2 * 8  # two blocks per head
     unused = ~allowed.any(1)[0, 0]  # keys no head attends
     v2 = v.detach().clone()
@@ -222,7 +230,9 @@ def test_bad_settings_and_masks_raise_clear_errors():
     with pytest.raises(ValueError, match="top_k must be >= 1"):
         moba_attention(q, k, v, chunk_size=2, top_k=0)
     with pytest.raises(ValueError, match="divisible"):
-        moba_attention(q, k[:, :1].expand(1, 3, 10, 4).contiguous(), v[:, :1].expand(1, 3, 10, 4), chunk_size=2, top_k=2)
+        moba_attention(
+            q, k[:, :1].expand(1, 3, 10, 4).contiguous(), v[:, :1].expand(1, 3, 10, 4), chunk_size=2, top_k=2
+        )
     gappy = torch.ones(1, 1, 10, 10, dtype=torch.bool).tril()
     gappy[0, 0, 9, 4] = False
     with pytest.raises(ValueError, match="contiguous run"):

@@ -146,7 +146,9 @@ def moba_reference(
         allowed = moba_mask(query, key, intervals, chunk_size=chunk_size, top_k=top_k)
     allowed = allowed.view(bsz, n_kv, groups, q_len, kv_len)
     q = query.view(bsz, n_kv, groups, q_len, head_dim)  # (B, Hk, G, Tq, D)
-    scores = torch.matmul(q, key.unsqueeze(2).transpose(-1, -2)).to(accumulation_dtype(query.dtype)) * scale  # (B, Hk, G, Tq, Tk)
+    scores = (
+        torch.matmul(q, key.unsqueeze(2).transpose(-1, -2)).to(accumulation_dtype(query.dtype)) * scale
+    )  # (B, Hk, G, Tq, Tk)
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1).masked_fill(~allowed, 0.0).to(value.dtype)  # empty rows -> zeros
     out = torch.matmul(probs, value.unsqueeze(2))  # (B, Hk, G, Tq, D)
