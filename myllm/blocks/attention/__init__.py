@@ -4,3 +4,4 @@ from myllm.blocks.attention.base import Attention, AttentionConfig, EagerAttenti
 
 __all__ = ["Attention", "AttentionConfig", "EagerAttention", "SdpaAttention"]
 from myllm.blocks.attention import moba  # noqa: E402,F401  (registers "moba")
+from myllm.blocks.attention import mla  # noqa: E402,F401  (registers "mla")
