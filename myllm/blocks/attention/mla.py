@@ -172,8 +172,8 @@ class MLAttention(Attention):
         self.attention_dropout, self.layer_idx = dropout, layer_idx
         params = rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
         self.scaling = scaling if scaling is not None else yarn_apply_mscale(params, self.qk_head_dim**-0.5)
-        pairs = rope_pairs or [list(range(qk_rope_head_dim // 2))]
-        rope_pairs_t = torch.tensor(pairs, dtype=torch.long).view(-1, qk_rope_head_dim // 2)
+        pairs = rope_pairs if rope_pairs is not None else [list(range(qk_rope_head_dim // 2))]
+        rope_pairs_t = torch.tensor(pairs, dtype=torch.long).reshape(len(pairs), qk_rope_head_dim // 2)
         self.register_buffer("rope_pairs", rope_pairs_t, persistent=False)
         self._has_pairs = rope_pairs is not None
 
