@@ -35,9 +35,9 @@ from myllm.blocks.attention.moba_reference import (
     query_intervals,
 )
 
-# scratch bounds: bytes of the pieces of one call, float64 elements of one gate slab
+# scratch bounds: bytes of the pieces of one call, float64 elements of one gate slab (1 MiB)
 _SCRATCH_BYTES = 1 << 20
-_GATE_SLAB_ELEMENTS = 1 << 16
+_GATE_SLAB_ELEMENTS = 1 << 17
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -230,14 +230,17 @@ def _plan_routed(row: _RowPlan, query, key, q_idx, lo, own, chunk_start, chunk_f
     has_past = (own > lo).nonzero().squeeze(1)
     q_idx, lo, own = q_idx[has_past], lo[has_past], own[has_past]
     kmean = torch.zeros(n_kv, total, head_dim, dtype=GATE_DTYPE, device=device)  # mean key of each full block
+    step = max(1, _GATE_SLAB_ELEMENTS // (n_kv * head_dim))  # keys summed per float64 copy
     for m in chunk_full.nonzero().squeeze(1).tolist():
         ks = int(chunk_start[m])
-        kmean[:, m] = key[:, ks : ks + c].sum(1, dtype=GATE_DTYPE) / c
+        for a in range(ks, ks + c, step):
+            kmean[:, m] += key[:, a : min(a + step, ks + c)].to(GATE_DTYPE).sum(1)
+    kmean /= c
     k_past = min(top_k - 1, total)
     index_dtype = torch.int16 if total < 2**15 else torch.int32
     selected = torch.full((n_heads, q_len, k_past), -1, dtype=index_dtype, device=device)
     blocks = torch.arange(total, device=device)
-    slab = max(1, _GATE_SLAB_ELEMENTS // (n_heads * total))
+    slab = max(1, _GATE_SLAB_ELEMENTS // (n_heads * max(total, head_dim)))  # bounds the float64 q copy and gate
     for s0 in range(0, len(q_idx), slab):
         qs, los, owns = q_idx[s0 : s0 + slab], lo[s0 : s0 + slab], own[s0 : s0 + slab]
         n = len(qs)

@@ -119,7 +119,7 @@ def moba_mask(
     if k_past > 0:
         values, picked = gate.topk(k_past, dim=-1)
         chosen.scatter_(-1, picked, values > float("-inf"))
-    index = key_block[:, None, None].expand(bsz, n_kv, groups, q_len, kv_len).clamp(max=n_blocks - 1)
+    index = key_block.clamp(max=n_blocks - 1)[:, None, None].expand(bsz, n_kv, groups, q_len, kv_len)
     chosen_key = chosen.gather(-1, index)  # (B, Hk, G, Tq, Tk)
     own_key = (key_block == own)[:, None, None]
     allowed = in_range[:, None, None] & (own_key | chosen_key)
