@@ -7,7 +7,8 @@ events), so inputs do not count and the output does.
 * Prefill: MoBA (``chunk_size=512``, ``top_k=3``) against ``scaled_dot_product_attention(is_causal=True)`` and
   against MoBA's dense reference, forward and forward+backward, at T = 4096, 8192, 16384. The reference is
   O(T^2) in memory; it is skipped where its estimate exceeds ``--ref-budget-gb``.
-* Decode: one step over a 16384-token cache. MoBA kernel against SDPA over the whole cache; an MLA block
+* Decode: one step over a 16384-token cache. MoBA kernel (with and without the block-sum memo that
+  ``MobaAttention`` keeps per cache layer) against SDPA over the whole cache; an MLA block
   converted from a GQA block (``myllm.surgery.mla.to_mla``) decoding from a ``latent`` cache (absorbed
   weights) against the GQA block decoding from a ``DynamicCache``, with the KV bytes per token of each.
 
@@ -34,7 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's myllm
 
 from myllm import blocks  # noqa: E402
-from myllm.blocks.attention.moba_kernels import moba_attention  # noqa: E402
+from myllm.blocks.attention.moba_kernels import BlockSums, moba_attention  # noqa: E402
 from myllm.blocks.attention.moba_reference import moba_reference  # noqa: E402
 from myllm.blocks.cache.latent import LatentCache  # noqa: E402
 from myllm.surgery.mla import kv_cache_bytes_per_token, to_mla  # noqa: E402
@@ -108,7 +109,7 @@ def bench_prefill(lengths: list[int], repeats: int, ref_budget: float) -> list[d
             if not skipped:
                 kernels["reference"] = reference
             variants = {
-                name: (_fwd_bwd(fn, q, k, v) if backward else (lambda fn=fn: fn(q, k, v)))
+                name: (_fwd_bwd(fn, q, k, v) if backward else (lambda fn=fn, q=q, k=k, v=v: fn(q, k, v)))
                 for name, fn in kernels.items()
             }
             with torch.no_grad() if not backward else torch.enable_grad():
@@ -141,16 +142,19 @@ def bench_moba_decode(cache_len: int, repeats: int) -> dict:
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, HEADS, 1, HEAD_DIM, generator=g)
     k, v = (torch.randn(1, HEADS, cache_len, HEAD_DIM, generator=g) for _ in range(2))
+    memo = BlockSums()  # steady-state decoding: past block sums are remembered (as MobaAttention does)
     with torch.no_grad():
         seconds = interleaved(
             {
                 "full": lambda: F.scaled_dot_product_attention(q, k, v),
-                "moba": lambda: moba_attention(q, k, v, chunk_size=CHUNK, top_k=TOP_K),
+                "moba": lambda: moba_attention(q, k, v, chunk_size=CHUNK, top_k=TOP_K, block_sums=memo),
+                "moba_no_memo": lambda: moba_attention(q, k, v, chunk_size=CHUNK, top_k=TOP_K),
             },
             repeats,
         )
     row = {"cache": cache_len, "full_s": seconds["full"], "moba_s": seconds["moba"]}
     row["speedup"] = seconds["full"] / seconds["moba"]
+    row["moba_no_memo_s"] = seconds["moba_no_memo"]
     print(json.dumps(row), flush=True)
     return row
 
@@ -218,7 +222,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default 3, quick 2)")
     parser.add_argument("--ref-budget-gb", type=float, default=4.0, help="skip the dense reference above this")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 3)
     lengths = [1024, 2048] if args.quick else [4096, 8192, 16384]
     cache_len = 4096 if args.quick else 16384

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from utils import assert_close, max_abs_diff
 
-from myllm.blocks.attention.moba_kernels import moba_attention, piece_attention, piece_attention_backward
+from myllm.blocks.attention.moba_kernels import BlockSums, moba_attention, piece_attention, piece_attention_backward
 from myllm.blocks.attention.moba_reference import moba_mask, moba_reference, query_intervals
 
 
@@ -200,6 +200,20 @@ def test_decode_step_selects_blocks_sparsely():
     v2[:, :, unused] += 100.0
     assert_close(moba_attention(q, k, v2, chunk_size=8, top_k=2), out)
     assert max_abs_diff(_dense_causal()(q, k, v2), _dense_causal()(q, k, v)) > 1.0
+
+
+def test_block_sum_memo_follows_a_growing_and_a_reordered_cache():
+    memo = BlockSums()
+    q, k, v = _qkv(2, 4, 2, 1, 60, 8)
+    mask = padded_causal_mask([0, 7], 1, 60)
+    for length in (30, 31, 45, 60):  # decoding steps over a growing cache, reusing the memo
+        kw = {"chunk_size": 4, "top_k": 3}
+        m = mask[..., :length]
+        fresh = moba_reference(q, k[:, :, :length], v[:, :, :length], m, **kw)
+        assert_close(moba_attention(q, k[:, :, :length], v[:, :, :length], m, block_sums=memo, **kw), fresh)
+    flipped = [x.detach().flip(0) for x in (q, k, v)]  # a reordered batch (beam search): the memo must notice
+    expected = moba_reference(*flipped, mask.flip(0), chunk_size=4, top_k=3)
+    assert_close(moba_attention(*flipped, mask.flip(0), chunk_size=4, top_k=3, block_sums=memo), expected)
 
 
 @pytest.mark.parametrize("causal, masked", [(False, False), (True, False), (False, True)])

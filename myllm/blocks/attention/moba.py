@@ -9,7 +9,9 @@ settings coexist in one process; a hybrid model keeps other layers on a dense bl
 The kernel is :func:`~myllm.blocks.attention.moba_kernels.moba_attention` (block-sparse, memory
 ``O(T * H * D)``) or, with ``kernel="reference"``, the dense masked reference. Both honour the attention mask
 (left padding, packed sequences, decoding after a cache) and ``scaling``; decoding with a KV cache selects
-blocks sparsely for every step. The algorithm, including the meaning of ``top_k = 1`` (own block only), is
+blocks sparsely for every step; the module remembers the float64 key-block sums of each cache layer it
+decodes from (:class:`~myllm.blocks.attention.moba_kernels.BlockSums`, held weakly, validated against the
+cache) so a step does not re-read the whole cache. The algorithm, including the meaning of ``top_k = 1`` (own block only), is
 documented in :mod:`myllm.blocks.attention.moba_reference`.
 
 Note (MoBA paper, issue #10 of MoonshotAI/MoBA): converting a model trained with full attention to MoBA
@@ -18,13 +20,15 @@ needs continued training; without it the outputs change wherever ``top_k * chunk
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Literal
 
 import torch
 from pydantic import PositiveInt, model_validator
+from transformers.cache_utils import Cache
 
 from myllm.blocks.attention.base import Attention, AttentionConfig
-from myllm.blocks.attention.moba_kernels import moba_attention
+from myllm.blocks.attention.moba_kernels import BlockSums, moba_attention
 from myllm.blocks.attention.moba_reference import moba_reference
 from myllm.blocks.registry import register
 
@@ -59,6 +63,25 @@ class MobaAttention(Attention):
         self.chunk_size = chunk_size
         self.top_k = top_k
         self.kernel = kernel
+        self._block_sums: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache layer -> BlockSums
+        self._cache: Cache | None = None  # the cache of the forward call in progress
+
+    def forward(self, *args: Any, cache: Cache | None = None, past_key_values: Cache | None = None, **kwargs: Any):
+        """The GQA forward (see :class:`Attention`); remembers the cache so decoding can reuse block sums."""
+        self._cache = cache if cache is not None else past_key_values
+        try:
+            return super().forward(*args, cache=self._cache, **kwargs)
+        finally:
+            self._cache = None
+
+    def _memo(self) -> BlockSums | None:
+        layers = getattr(self._cache, "layers", None)
+        if layers is None or self.layer_idx >= len(layers):
+            return None
+        layer = layers[self.layer_idx]
+        if layer not in self._block_sums:
+            self._block_sums[layer] = BlockSums()
+        return self._block_sums[layer]
 
     def attend(
         self,
@@ -71,8 +94,11 @@ class MobaAttention(Attention):
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         """``q [B, H, Tq, D]``, ``k``/``v [B, Hk, Tk, D]`` -> ``(out [B, Tq, H, D], None)``."""
-        fn = moba_reference if self.kernel == "reference" else moba_attention
-        out = fn(query, key, value, attention_mask, chunk_size=self.chunk_size, top_k=self.top_k, scaling=scaling)
+        kw = {"chunk_size": self.chunk_size, "top_k": self.top_k, "scaling": scaling}
+        if self.kernel == "reference":
+            out = moba_reference(query, key, value, attention_mask, **kw)
+        else:
+            out = moba_attention(query, key, value, attention_mask, block_sums=self._memo(), **kw)
         return out.transpose(1, 2), None
 
     def extra_repr(self) -> str:

@@ -452,6 +452,89 @@ def _moba_backward(grad_out, query, key, value, out, lse, plan: _Plan, scale: fl
     return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# decoding: one query per row
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _block_sums(keys: torch.Tensor, start: int, n_blocks: int, c: int) -> torch.Tensor:
+    """Float64 sums of ``n_blocks`` full blocks of ``keys [Hk, Tk, D]`` from ``start``: ``[Hk, n_blocks, D]``."""
+    n_kv, _, head_dim = keys.shape
+    sums = torch.zeros(n_kv, n_blocks, head_dim, dtype=GATE_DTYPE, device=keys.device)
+    step = max(1, _GATE_SLAB_ELEMENTS // (n_kv * c * head_dim))  # blocks per float64 copy
+    for j in range(0, n_blocks, step):
+        n = min(step, n_blocks - j)
+        sums[:, j : j + n] = keys[:, start + j * c : start + (j + n) * c].unflatten(1, (n, c)).to(GATE_DTYPE).sum(2)
+    return sums
+
+
+class BlockSums:
+    """Float64 key-block sums of one cache layer, kept across decoding steps and extended as the cache grows.
+
+    A decoding step needs the mean key of every past block; recomputing them reads the whole cache. This
+    memo (one per cache layer, held by :class:`~myllm.blocks.attention.moba.MobaAttention`) sums each block
+    once. Before reuse it checks the first key of every remembered block against the cache, so a cropped,
+    reordered or replaced cache is recomputed rather than trusted.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[int, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, row: int, keys: torch.Tensor, start: int, n_blocks: int, c: int) -> torch.Tensor:
+        """Sums of blocks ``0 .. n_blocks - 1`` of batch row ``row`` (``keys [Hk, Tk, D]``, blocks from ``start``)."""
+        sums = keys.new_zeros(keys.shape[0], 0, keys.shape[2], dtype=GATE_DTYPE)
+        cached = self._rows.get(row)
+        if cached is not None:
+            c_start, c_size, c_sums, witness = cached
+            n = c_sums.shape[1]
+            firsts = start + torch.arange(n, device=keys.device) * c
+            if (c_start, c_size) == (start, c) and n <= n_blocks and torch.equal(keys[:, firsts], witness):
+                sums = c_sums
+        done = sums.shape[1]
+        if done < n_blocks:
+            sums = torch.cat([sums, _block_sums(keys, start + done * c, n_blocks - done, c)], dim=1)
+        firsts = start + torch.arange(n_blocks, device=keys.device) * c
+        self._rows[row] = (start, c, sums, keys[:, firsts].clone())
+        return sums
+
+
+def _decode(query, key, value, intervals: QueryIntervals, c: int, top_k: int, scale: float, block_sums):
+    """One query per row: gate over the past blocks, gather the selected and the own block, one SDPA call."""
+    bsz, n_heads, _, head_dim = query.shape
+    n_kv = key.shape[1]
+    groups = n_heads // n_kv
+    kv_index = torch.arange(n_kv, device=key.device).view(n_kv, 1, 1)
+    rows = []
+    for b in range(bsz):
+        if not bool(intervals.valid[b, 0]):
+            rows.append(query.new_zeros(n_heads, 1, head_dim))
+            continue
+        start, end = int(intervals.start[b, 0]), int(intervals.end[b, 0])
+        n_past = (end - start) // c
+        own = slice(start + n_past * c, end + 1)
+        keys, values = key[b, :, own], value[b, :, own]  # (Hk, L, D)
+        if groups > 1:
+            keys, values = (x[:, None].expand(-1, groups, -1, -1).flatten(0, 1) for x in (keys, values))
+        k_past = min(top_k - 1, n_past)
+        if k_past > 0:
+            with torch.no_grad():
+                if block_sums is not None:
+                    sums = block_sums.get(b, key[b].detach(), start, n_past, c)
+                else:
+                    sums = _block_sums(key[b].detach(), start, n_past, c)
+                q = query[b, :, 0].detach().to(GATE_DTYPE).view(n_kv, groups, head_dim)
+                picked = torch.matmul(q, sums.transpose(1, 2)).topk(k_past, dim=-1).indices  # (Hk, G, k)
+            past = slice(start, start + n_past * c)
+
+            def gather(x: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+                blocks = x[b, :, past].unflatten(1, (n_past, c))[kv_index, picked]  # noqa: B023  (Hk, G, k, c, D)
+                return torch.cat([blocks.flatten(0, 1).flatten(1, 2), own], dim=1)  # (H, k*c + L, D)
+
+            keys, values = gather(key, keys), gather(value, values)
+        rows.append(torch.nn.functional.scaled_dot_product_attention(query[b], keys, values, scale=scale))
+    return torch.stack(rows)
+
+
 def moba_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -462,6 +545,7 @@ def moba_attention(
     top_k: int,
     scaling: float | None = None,
     fused: bool | None = None,
+    block_sums: BlockSums | None = None,
 ) -> torch.Tensor:
     """MoBA without ``T^2`` memory: ``[B, H, Tq, D]``, equal to ``moba_reference`` (outputs and gradients).
 
@@ -472,6 +556,8 @@ def moba_attention(
         scaling: softmax scale (default ``D ** -0.5``).
         fused: run the pieces through PyTorch's fused CPU flash-attention kernel (default: on CPU) or through
             plain matmul code.
+        block_sums: a :class:`BlockSums` memo of the cache's key blocks, reused by single-query (decoding)
+            calls; ``None`` recomputes them.
 
     Raises:
         ValueError: bad ``chunk_size``/``top_k``, mismatched shapes, or a mask MoBA cannot follow.
@@ -482,6 +568,8 @@ def moba_attention(
     if fused is None:
         fused = query.device.type == "cpu"
     intervals = query_intervals(attention_mask, batch=bsz, q_len=q_len, kv_len=key.shape[2], device=query.device)
+    if q_len == 1:
+        return _decode(query, key, value, intervals, chunk_size, top_k, scale, block_sums)
     with torch.no_grad():
         plan = _plan(query.detach(), key.detach(), intervals, chunk_size, top_k)
     return _MobaFunction.apply(query, key, value, plan, scale, fused)
