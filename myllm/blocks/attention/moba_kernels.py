@@ -15,7 +15,7 @@ is documented there), outputs and gradients, without forming a ``Tq x Tk`` matri
    merged output and log-sum-exp (flash-attention style), so the pieces' gradients add up to the exact
    gradient of the whole softmax.
 
-Pieces run through PyTorch's fused flash-attention CPU kernel (``fused=True``, the default on CPU) or through
+Single-query calls (decoding) take the path of :mod:`.moba_decode`. Pieces run through PyTorch's fused flash-attention CPU kernel (``fused=True``, the default on CPU) or through
 plain matmul code (:func:`piece_attention` with ``fused=False``, used on other devices and compared against
 the fused kernel in tests). Work is ``T * (top_k * c) * D`` per head instead of ``T^2 * D / 2``.
 """
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from myllm.blocks.attention.moba_decode import GATE_SLAB_ELEMENTS, BlockSums, block_sums, decode_attention
 from myllm.blocks.attention.moba_reference import (
     GATE_DTYPE,
     QueryIntervals,
@@ -35,9 +36,7 @@ from myllm.blocks.attention.moba_reference import (
     query_intervals,
 )
 
-# scratch bounds: bytes of the pieces of one call, float64 elements of one gate slab (1 MiB)
-_SCRATCH_BYTES = 1 << 20
-_GATE_SLAB_ELEMENTS = 1 << 17
+_SCRATCH_BYTES = 1 << 20  # bytes of the pieces of one call
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -230,17 +229,20 @@ def _plan_routed(row: _RowPlan, query, key, q_idx, lo, own, chunk_start, chunk_f
     has_past = (own > lo).nonzero().squeeze(1)
     q_idx, lo, own = q_idx[has_past], lo[has_past], own[has_past]
     kmean = torch.zeros(n_kv, total, head_dim, dtype=GATE_DTYPE, device=device)  # mean key of each full block
-    step = max(1, _GATE_SLAB_ELEMENTS // (n_kv * head_dim))  # keys summed per float64 copy
+    starts = chunk_start.tolist()
+    runs: list[list[int]] = []  # consecutive full blocks of one sequence: [first block, count]
     for m in chunk_full.nonzero().squeeze(1).tolist():
-        ks = int(chunk_start[m])
-        for a in range(ks, ks + c, step):
-            kmean[:, m] += key[:, a : min(a + step, ks + c)].to(GATE_DTYPE).sum(1)
-    kmean /= c
+        if runs and runs[-1][0] + runs[-1][1] == m and starts[m] == starts[m - 1] + c:
+            runs[-1][1] += 1
+        else:
+            runs.append([m, 1])
+    for m, n in runs:
+        kmean[:, m : m + n] = block_sums(key, starts[m], n, c) / c
     k_past = min(top_k - 1, total)
     index_dtype = torch.int16 if total < 2**15 else torch.int32
     selected = torch.full((n_heads, q_len, k_past), -1, dtype=index_dtype, device=device)
     blocks = torch.arange(total, device=device)
-    slab = max(1, _GATE_SLAB_ELEMENTS // (n_heads * max(total, head_dim)))  # bounds the float64 q copy and gate
+    slab = max(1, GATE_SLAB_ELEMENTS // (n_heads * max(total, head_dim)))  # bounds the float64 q copy and gate
     for s0 in range(0, len(q_idx), slab):
         qs, los, owns = q_idx[s0 : s0 + slab], lo[s0 : s0 + slab], own[s0 : s0 + slab]
         n = len(qs)
@@ -452,89 +454,6 @@ def _moba_backward(grad_out, query, key, value, out, lse, plan: _Plan, scale: fl
     return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# decoding: one query per row
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _block_sums(keys: torch.Tensor, start: int, n_blocks: int, c: int) -> torch.Tensor:
-    """Float64 sums of ``n_blocks`` full blocks of ``keys [Hk, Tk, D]`` from ``start``: ``[Hk, n_blocks, D]``."""
-    n_kv, _, head_dim = keys.shape
-    sums = torch.zeros(n_kv, n_blocks, head_dim, dtype=GATE_DTYPE, device=keys.device)
-    step = max(1, _GATE_SLAB_ELEMENTS // (n_kv * c * head_dim))  # blocks per float64 copy
-    for j in range(0, n_blocks, step):
-        n = min(step, n_blocks - j)
-        sums[:, j : j + n] = keys[:, start + j * c : start + (j + n) * c].unflatten(1, (n, c)).to(GATE_DTYPE).sum(2)
-    return sums
-
-
-class BlockSums:
-    """Float64 key-block sums of one cache layer, kept across decoding steps and extended as the cache grows.
-
-    A decoding step needs the mean key of every past block; recomputing them reads the whole cache. This
-    memo (one per cache layer, held by :class:`~myllm.blocks.attention.moba.MobaAttention`) sums each block
-    once. Before reuse it checks the first key of every remembered block against the cache, so a cropped,
-    reordered or replaced cache is recomputed rather than trusted.
-    """
-
-    def __init__(self) -> None:
-        self._rows: dict[int, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
-
-    def get(self, row: int, keys: torch.Tensor, start: int, n_blocks: int, c: int) -> torch.Tensor:
-        """Sums of blocks ``0 .. n_blocks - 1`` of batch row ``row`` (``keys [Hk, Tk, D]``, blocks from ``start``)."""
-        sums = keys.new_zeros(keys.shape[0], 0, keys.shape[2], dtype=GATE_DTYPE)
-        cached = self._rows.get(row)
-        if cached is not None:
-            c_start, c_size, c_sums, witness = cached
-            n = c_sums.shape[1]
-            firsts = start + torch.arange(n, device=keys.device) * c
-            if (c_start, c_size) == (start, c) and n <= n_blocks and torch.equal(keys[:, firsts], witness):
-                sums = c_sums
-        done = sums.shape[1]
-        if done < n_blocks:
-            sums = torch.cat([sums, _block_sums(keys, start + done * c, n_blocks - done, c)], dim=1)
-        firsts = start + torch.arange(n_blocks, device=keys.device) * c
-        self._rows[row] = (start, c, sums, keys[:, firsts].clone())
-        return sums
-
-
-def _decode(query, key, value, intervals: QueryIntervals, c: int, top_k: int, scale: float, block_sums):
-    """One query per row: gate over the past blocks, gather the selected and the own block, one SDPA call."""
-    bsz, n_heads, _, head_dim = query.shape
-    n_kv = key.shape[1]
-    groups = n_heads // n_kv
-    kv_index = torch.arange(n_kv, device=key.device).view(n_kv, 1, 1)
-    rows = []
-    for b in range(bsz):
-        if not bool(intervals.valid[b, 0]):
-            rows.append(query.new_zeros(n_heads, 1, head_dim))
-            continue
-        start, end = int(intervals.start[b, 0]), int(intervals.end[b, 0])
-        n_past = (end - start) // c
-        own = slice(start + n_past * c, end + 1)
-        keys, values = key[b, :, own], value[b, :, own]  # (Hk, L, D)
-        if groups > 1:
-            keys, values = (x[:, None].expand(-1, groups, -1, -1).flatten(0, 1) for x in (keys, values))
-        k_past = min(top_k - 1, n_past)
-        if k_past > 0:
-            with torch.no_grad():
-                if block_sums is not None:
-                    sums = block_sums.get(b, key[b].detach(), start, n_past, c)
-                else:
-                    sums = _block_sums(key[b].detach(), start, n_past, c)
-                q = query[b, :, 0].detach().to(GATE_DTYPE).view(n_kv, groups, head_dim)
-                picked = torch.matmul(q, sums.transpose(1, 2)).topk(k_past, dim=-1).indices  # (Hk, G, k)
-            past = slice(start, start + n_past * c)
-
-            def gather(x: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
-                blocks = x[b, :, past].unflatten(1, (n_past, c))[kv_index, picked]  # noqa: B023  (Hk, G, k, c, D)
-                return torch.cat([blocks.flatten(0, 1).flatten(1, 2), own], dim=1)  # (H, k*c + L, D)
-
-            keys, values = gather(key, keys), gather(value, values)
-        rows.append(torch.nn.functional.scaled_dot_product_attention(query[b], keys, values, scale=scale))
-    return torch.stack(rows)
-
-
 def moba_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -569,7 +488,7 @@ def moba_attention(
         fused = query.device.type == "cpu"
     intervals = query_intervals(attention_mask, batch=bsz, q_len=q_len, kv_len=key.shape[2], device=query.device)
     if q_len == 1:
-        return _decode(query, key, value, intervals, chunk_size, top_k, scale, block_sums)
+        return decode_attention(query, key, value, intervals, chunk_size, top_k, scale, block_sums)
     with torch.no_grad():
         plan = _plan(query.detach(), key.detach(), intervals, chunk_size, top_k)
     return _MobaFunction.apply(query, key, value, plan, scale, fused)
