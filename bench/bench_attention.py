@@ -86,8 +86,8 @@ def _fwd_bwd(attn: Callable, q, k, v) -> Callable[[], None]:
 
 
 def reference_bytes(length: int, backward: bool) -> float:
-    """Rough peak of the dense reference: ~28 bytes (forward) / ~48 (with backward) per [H, T, T] element."""
-    return HEADS * length * length * (48 if backward else 28)
+    """Rough peak of the dense reference: ~14 bytes (forward, measured) / ~26 (with backward) per [H, T, T] element."""
+    return HEADS * length * length * (26 if backward else 14)
 
 
 def bench_prefill(lengths: list[int], repeats: int, ref_budget: float) -> list[dict]:

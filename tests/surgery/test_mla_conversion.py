@@ -168,3 +168,17 @@ def test_bad_settings_and_unknown_attention_raise_and_change_nothing():
     windowed = tiny_hf_model("mistral", sliding_window=8).model.layers[0].self_attn
     with pytest.raises(ValueError, match="sliding-window"):
         to_mla(windowed, kv_lora_rank=4, rope_dims=2)
+
+
+def test_myllm_gqa_block_converts_exactly_too():
+    from myllm import blocks
+
+    block = blocks.build("attention", "sdpa", hidden_size=32, num_heads=4, num_kv_heads=2, qkv_bias=True, qk_norm=True)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
+    spec = read_attention(block)
+    mla = to_mla(block, kv_lora_rank=kv_full_rank(spec, 8), rope_dims=8)
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        assert max_abs_diff(mla(x)[0], block(x)[0]) <= 1e-5

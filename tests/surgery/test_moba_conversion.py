@@ -111,3 +111,13 @@ def test_bad_settings_and_unknown_attention_raise_before_anything_changes():
         read_attention(torch.nn.Linear(4, 4))
     with pytest.raises(KeyError, match="missing"):
         moba_state_dict({"q_proj.weight": torch.zeros(1)})
+
+
+def test_myllm_gqa_block_converts_to_moba():
+    from myllm import blocks
+
+    block = blocks.build("attention", "sdpa", hidden_size=32, num_heads=4, num_kv_heads=2, qk_norm=True).eval()
+    moba = to_moba(block, chunk_size=4, top_k=5).eval()
+    x = torch.randn(2, 20, 32)
+    with torch.no_grad():
+        assert max_abs_diff(moba(x)[0], block(x)[0]) <= 1e-5
