@@ -223,12 +223,15 @@ class MLAttention(Attention):
         return q.transpose(1, 2)
 
     def _key_scale(self, k_nope: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
-        """``1 / rms`` of each kv head's ``[k_nope | k_rope]``: ``[B, T, Hkv, dn]``, ``[B, T, Hkv, dr]`` -> ``[B, T, Hkv]``."""
+        """``1 / rms`` of each kv head's ``[k_nope | k_rope]`` (``[B, T, Hkv, dn]``, ``[B, T, Hkv, dr]``): ``[B, T, Hkv]``."""
         square = k_nope.float().pow(2).sum(-1) + k_rope.float().pow(2).sum(-1)
         return torch.rsqrt(square / self.qk_head_dim + self.norm_eps)
 
     def _write(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """New tokens' cache entries: latent ``[B, T, r]``, rotated RoPE key ``[B, T, R, dr]``, scales ``[B, T, Hkv]``."""
+        """Cache entries of new tokens: latent ``[B, T, r]``, rotated RoPE key ``[B, T, R, dr]``, key scales.
+
+        The scales ``[B, T, Hkv]`` exist with ``qk_norm`` only (else ``None``).
+        """
         bsz, q_len = hidden.shape[:2]
         latent, k_rope = self.kv_a_proj_with_mqa(hidden).split(
             [self.kv_lora_rank, self.num_rope_heads * self.qk_rope_head_dim], dim=-1

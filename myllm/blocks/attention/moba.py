@@ -10,9 +10,9 @@ The kernel is :func:`~myllm.blocks.attention.moba_kernels.moba_attention` (block
 ``O(T * H * D)``) or, with ``kernel="reference"``, the dense masked reference. Both honour the attention mask
 (left padding, packed sequences, decoding after a cache) and ``scaling``; decoding with a KV cache selects
 blocks sparsely for every step; the module remembers the float64 key-block sums of each cache layer it
-decodes from (:class:`~myllm.blocks.attention.moba_kernels.BlockSums`, held weakly, validated against the
-cache) so a step does not re-read the whole cache. The algorithm, including the meaning of ``top_k = 1`` (own block only), is
-documented in :mod:`myllm.blocks.attention.moba_reference`.
+decodes from (:class:`~myllm.blocks.attention.moba_decode.BlockSums`, held weakly, validated against the
+cache) so a step does not re-read the whole cache. The algorithm, including the meaning of ``top_k = 1``
+(own block only), is documented in :mod:`myllm.blocks.attention.moba_reference`.
 
 Note (MoBA paper, issue #10 of MoonshotAI/MoBA): converting a model trained with full attention to MoBA
 needs continued training; without it the outputs change wherever ``top_k * chunk_size`` is below the length.

@@ -5,9 +5,9 @@ is documented there), outputs and gradients, without forming a ``Tq x Tk`` matri
 
 1. **Plan** (no grad): per batch row, the sequences of the row (from the mask), their blocks, the block
    mean keys and the gate; per query the own block and the ``top_k - 1`` selected past blocks.
-2. **Own blocks**: causal attention of every query over its own block. Full blocks of a prefill run are one
-   fused call over strided views (no copies); partial blocks, decode steps and chunked prefill get a call
-   per block with an explicit mask.
+2. **Own blocks**: causal attention of every query over its own block. Full blocks of a prefill run are
+   fused calls over strided views (no copies); partial blocks and chunked prefill get a call per block
+   with an explicit mask.
 3. **Routed blocks**: per past block, one call for every (query head, query) row that selected it, all key/
    value heads at once (rows padded per kv head), over the block's ``c`` keys, which are a view of ``key``.
    GQA is never materialised: query heads of a group simply contribute rows.
@@ -15,9 +15,12 @@ is documented there), outputs and gradients, without forming a ``Tq x Tk`` matri
    merged output and log-sum-exp (flash-attention style), so the pieces' gradients add up to the exact
    gradient of the whole softmax.
 
-Single-query calls (decoding) take the path of :mod:`.moba_decode`. Pieces run through PyTorch's fused flash-attention CPU kernel (``fused=True``, the default on CPU) or through
-plain matmul code (:func:`piece_attention` with ``fused=False``, used on other devices and compared against
-the fused kernel in tests). Work is ``T * (top_k * c) * D`` per head instead of ``T^2 * D / 2``.
+Scratch memory per call is bounded (``_SCRATCH_BYTES``), so the forward peak is the output, its log-sum-exp,
+the per-query selection (int16) and a constant. Single-query calls (decoding) take the path of
+:mod:`.moba_decode`. Pieces run through PyTorch's fused flash-attention CPU kernel (``fused=True``, the
+default on CPU) or through plain matmul code (:func:`piece_attention` with ``fused=False``, used on other
+devices and compared against the fused kernel in tests). Work is ``T * top_k * c * D`` per head instead of
+``T^2 * D / 2``.
 """
 
 from __future__ import annotations
