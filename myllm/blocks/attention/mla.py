@@ -223,7 +223,7 @@ class MLAttention(Attention):
         return q.transpose(1, 2)
 
     def _key_scale(self, k_nope: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
-        """``1 / rms`` of each kv head's ``[k_nope | k_rope]`` (``[B, T, Hkv, dn]``, ``[B, T, Hkv, dr]``): ``[B, T, Hkv]``."""
+        """Per-token ``1 / rms`` of each kv head's ``[k_nope | k_rope]`` (``[B, T, Hkv, *]`` each): ``[B, T, Hkv]``."""
         square = k_nope.float().pow(2).sum(-1) + k_rope.float().pow(2).sum(-1)
         return torch.rsqrt(square / self.qk_head_dim + self.norm_eps)
 
