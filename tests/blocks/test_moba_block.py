@@ -40,6 +40,7 @@ def test_settings_live_on_the_module():
     b = blocks.build("attention", "moba", hidden_size=16, num_heads=2, chunk_size=7, top_k=4)
     assert (a.chunk_size, a.top_k, b.chunk_size, b.top_k) == (3, 2, 7, 4)
     assert "chunk_size=3" in repr(a)
+    assert (b.block_kwargs["chunk_size"], b.block_kwargs["top_k"]) == (7, 4)
 
 
 @pytest.mark.parametrize(

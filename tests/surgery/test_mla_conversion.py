@@ -59,6 +59,9 @@ def test_full_rank_with_all_rope_dims_keeps_the_logits(arch, calibrate):
     spec = read_attention(model.model.layers[0].self_attn)
     _convert(model, calibrate=calibrate, kv_lora_rank=kv_full_rank(spec, spec.head_dim), rope_dims=spec.head_dim)
     assert all(isinstance(layer.self_attn, MLAttention) for layer in model.model.layers)
+    layer = model.model.layers[0].self_attn  # the recorded kwargs rebuild the same structure
+    rebuilt = MLAttention(**layer.block_kwargs)
+    rebuilt.load_state_dict(layer.state_dict(), strict=True)
     assert max_abs_diff(_logits(model, ids, mask), reference) <= 1e-4
 
 

@@ -159,7 +159,7 @@ class MLAttention(Attention):
     ) -> None:
         config = MLAConfig(**{k: v for k, v in locals().items() if k in MLAConfig.model_fields})  # validate
         nn.Module.__init__(self)  # the GQA base's q/k/v projections do not exist here; only its contract is kept
-        del config
+        self.block_kwargs = config.model_dump()  # what rebuilds this block (e.g. for a saved recipe)
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.num_kv_heads = num_kv_heads or num_heads
         self.num_key_value_groups = num_heads // self.num_kv_heads

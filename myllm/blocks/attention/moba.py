@@ -58,8 +58,9 @@ class MobaAttention(Attention):
     """GQA attention with the MoBA kernel; ``chunk_size`` and ``top_k`` are per module."""
 
     def __init__(self, *, chunk_size: int, top_k: int, kernel: str = "sparse", **kwargs: Any) -> None:
-        MobaConfig(chunk_size=chunk_size, top_k=top_k, kernel=kernel, **kwargs)  # validate when built directly
+        config = MobaConfig(chunk_size=chunk_size, top_k=top_k, kernel=kernel, **kwargs)  # validate
         super().__init__(**kwargs)
+        self.block_kwargs = config.model_dump()  # what rebuilds this block (e.g. for a saved recipe)
         self.chunk_size = chunk_size
         self.top_k = top_k
         self.kernel = kernel
