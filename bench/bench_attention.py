@@ -216,6 +216,43 @@ def _cache_bytes(cache) -> int:
     return sum(t.shape[1] * t.shape[3] * t.element_size() for t in (layer.keys, layer.values))
 
 
+def markdown(results: dict) -> str:
+    """The results as Markdown tables (what BENCHMARKS.md records)."""
+    meta = results["meta"]
+    lines = [
+        f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, {meta['threads']} thread(s), load "
+        f"{meta['load_before'][0]:.1f} before / {meta['load_after'][0]:.1f} after; `{meta['command']}`",
+        "",
+        "| T | pass | SDPA s | MoBA s | MoBA speed-up | reference s | vs reference | SDPA peak MiB | MoBA peak MiB "
+        "| peak ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["prefill"]:
+        ref = (
+            (f"{r['reference_s']:.3f} | {r['speedup_vs_reference']:.1f}x")
+            if "reference_s" in r
+            else (f"{r['reference']} | -")
+        )
+        lines.append(
+            f"| {r['T']} | {r['mode']} | {r['sdpa_s']:.3f} | {r['moba_s']:.3f} | **{r['speedup_vs_sdpa']:.2f}x** | "
+            f"{ref} | {r['sdpa_peak_mib']:.1f} | {r['moba_peak_mib']:.1f} | {r['peak_ratio_moba_over_sdpa']:.2f} |"
+        )
+    d, m = results["moba_decode"], results["mla_decode"]
+    lines += [
+        "",
+        f"| decode step, cache {d['cache']} | baseline ms | ms | speed-up | KV bytes/token (layer) |",
+        "|---|---|---|---|---|",
+        f"| MoBA vs SDPA over the cache | {d['full_s'] * 1e3:.2f} | {d['moba_s'] * 1e3:.2f} (no memo "
+        f"{d['moba_no_memo_s'] * 1e3:.2f}) | **{d['speedup']:.2f}x** | same |",
+        f"| MLA (absorbed, kv_lora_rank {m['mla']['kv_lora_rank']}, rope_dims {m['mla']['rope_dims']}) vs GQA "
+        f"({m['gqa']['num_heads']} heads, {m['gqa']['num_kv_heads']} kv heads of {m['gqa']['head_dim']}, hidden "
+        f"{m['gqa']['hidden_size']}) | {m['gqa_s'] * 1e3:.2f} | {m['mla_s'] * 1e3:.2f} | "
+        f"**{m['speedup']:.2f}x** | {m['gqa_kv_bytes_per_token']} -> {m['mla_kv_bytes_per_token']} "
+        f"(**{m['kv_reduction']:.1f}x** smaller) |",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
@@ -245,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mla_decode": bench_mla_decode(cache_len, max(repeats, 5)),
     }
     meta["load_after"] = os.getloadavg()
+    print(markdown(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
