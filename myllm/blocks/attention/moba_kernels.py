@@ -261,10 +261,12 @@ def _plan_routed(row: _RowPlan, query, key, q_idx, lo, own, chunk_start, chunk_f
 
 
 def _routed_calls(row: _RowPlan, m: int, n_kv: int, max_rows: int):
-    """The calls for block ``m``: ``(rows [Hk, R], valid [Hk, R])``, rows index ``query[b]`` as ``[H * Tq]``.
+    """The calls for block ``m``: ``(rows [Hk, R], pad [Hk, R], where [n], idx [n])``.
 
-    Row lists are derived from ``row.selected`` on the fly (forward and backward), so no per-pair tables stay
-    in memory; rows of each kv head are left-aligned and padded to the longest.
+    ``rows`` index ``query[b]`` as ``[H * Tq]`` (padding entries point at row 0), ``pad`` marks padding,
+    ``where`` are the flat positions of the real entries and ``idx`` their rows. Row lists are derived from
+    ``row.selected`` on the fly (forward and backward), so no per-pair tables stay in memory; rows of each kv
+    head are left-aligned and padded to the longest.
     """
     n_heads, q_len = row.selected.shape[:2]
     heads, queries, _ = (row.selected == m).nonzero(as_tuple=True)  # sorted by head, hence by kv head
@@ -277,10 +279,12 @@ def _routed_calls(row: _RowPlan, m: int, n_kv: int, max_rows: int):
         width = min(max_rows, n_rows - r0)
         sel = (slot >= r0) & (slot < r0 + width)
         rows = torch.zeros(n_kv, width, dtype=torch.long, device=heads.device)
-        valid = torch.zeros(n_kv, width, dtype=torch.bool, device=heads.device)
-        rows[kv_head[sel], slot[sel] - r0] = flat[sel]
-        valid[kv_head[sel], slot[sel] - r0] = True
-        yield rows, valid
+        pad = torch.ones(n_kv, width, dtype=torch.bool, device=heads.device)
+        where = kv_head[sel] * width + slot[sel] - r0
+        idx = flat[sel]
+        rows.view(-1)[where] = idx
+        pad.view(-1)[where] = False
+        yield rows, pad, where, idx
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -362,16 +366,15 @@ def _moba_forward(query, key, value, plan: _Plan, scale: float, fused: bool):
         for m in row.routed_blocks:
             keys = slice(row.block_start[m], row.block_start[m] + c)
             k, v = key[b, :, keys][None], value[b, :, keys][None]
-            for rows, valid in _routed_calls(row, m, n_kv, max_rows):
-                q = q_flat.index_select(0, rows.flatten()).view(*rows.shape, head_dim)
-                o, s = piece_attention(q.masked_fill_(~valid[..., None], 0.0)[None], k, v, scale=scale, fused=fused)
-                flat_valid = valid.flatten()
-                idx = rows.flatten()[flat_valid]
-                o, s = o[0].reshape(-1, head_dim)[flat_valid].to(acc), s[0].flatten()[flat_valid].to(acc)
-                old = lse_flat.index_select(0, idx)
-                new = torch.logaddexp(old, s)
-                merged = out_flat.index_select(0, idx).mul_(torch.exp(old - new)[:, None])
-                out_flat.index_copy_(0, idx, merged.add_(o.mul_(torch.exp(s - new)[:, None])))
+            for rows, _, where, idx in _routed_calls(row, m, n_kv, max_rows):
+                q = q_flat.index_select(0, rows.flatten()).view(1, *rows.shape, head_dim)  # padding: any row
+                o, s = piece_attention(q, k, v, scale=scale, fused=fused)
+                o = o.reshape(-1, head_dim).index_select(0, where).to(acc)  # real rows only
+                s = s.reshape(-1).index_select(0, where).to(acc)
+                new = torch.logaddexp(lse_flat.index_select(0, idx), s)
+                # out <- out * exp(old - new) + o * exp(s - new), and the two weights sum to one
+                merged = torch.lerp(out_flat.index_select(0, idx), o, torch.exp(s - new)[:, None])
+                out_flat.index_copy_(0, idx, merged)
                 lse_flat.index_copy_(0, idx, new)
     return out, lse
 
@@ -439,19 +442,19 @@ def _moba_backward(grad_out, query, key, value, out, lse, plan: _Plan, scale: fl
         for m in row.routed_blocks:
             keys = slice(row.block_start[m], row.block_start[m] + c)
             k, v = key[b, :, keys][None], value[b, :, keys][None]
-            for rows, valid in _routed_calls(row, m, n_kv, max_rows):
-                idx, pad = rows.flatten(), ~valid[..., None]
+            for rows, pad, where, idx in _routed_calls(row, m, n_kv, max_rows):
+                flat = rows.flatten()
 
                 def gather(x: torch.Tensor) -> torch.Tensor:
-                    return x.index_select(0, idx).view(*rows.shape, -1).masked_fill_(pad, 0.0)[None]  # noqa: B023
+                    return x.index_select(0, flat).view(1, *rows.shape, -1)  # noqa: B023
 
-                # padding rows: zero query, output and gradient, lse = log(c): they contribute nothing
-                lse_rows = lse_flat.index_select(0, idx).view(rows.shape).masked_fill_(pad[..., 0], math.log(c))
+                # padding rows: zero gradient and lse = +inf (probabilities 0), so they contribute nothing
+                grad_rows = gather(g_flat).masked_fill_(pad[None, ..., None], 0.0)
+                lse_rows = lse_flat.index_select(0, flat).view(1, *rows.shape).masked_fill_(pad[None], math.inf)
                 gq, gk, gv = piece_attention_backward(
-                    gather(g_flat), gather(q_flat), k, v, gather(out_flat), lse_rows[None], scale=scale, fused=fused
+                    grad_rows, gather(q_flat), k, v, gather(out_flat), lse_rows, scale=scale, fused=fused
                 )
-                flat_valid = valid.flatten()
-                dq_flat.index_add_(0, idx[flat_valid], gq[0].reshape(-1, head_dim)[flat_valid].to(acc))
+                dq_flat.index_add_(0, idx, gq.reshape(-1, head_dim).index_select(0, where).to(acc))
                 dk[b, :, keys] += gk[0].to(acc)
                 dv[b, :, keys] += gv[0].to(acc)
     return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
