@@ -57,6 +57,22 @@ def peak_bytes(fn: Callable[[], object]) -> int:
     return peak
 
 
+def parallel_op_probe() -> float:
+    """Median microseconds of a small elementwise op (200k floats) at the current thread count.
+
+    On an idle machine this is ~10 us; on an oversubscribed one, every parallel region can wait for a
+    descheduled thread and this grows to milliseconds. Kernels made of many small calls (MoBA) suffer from
+    that far more than one long call (SDPA), so the probe is recorded with the results.
+    """
+    x = torch.zeros(200_000)
+    times = []
+    for _ in range(200):
+        start = time.perf_counter()
+        x.add_(1.0)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
 def interleaved(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median seconds of each variant, running them in turn ``repeats`` times after one warm-up each."""
     for fn in variants.values():
@@ -221,7 +237,8 @@ def markdown(results: dict) -> str:
     meta = results["meta"]
     lines = [
         f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, {meta['threads']} thread(s), load "
-        f"{meta['load_before'][0]:.1f} before / {meta['load_after'][0]:.1f} after; `{meta['command']}`",
+        f"{meta['load_before'][0]:.1f} before / {meta['load_after'][0]:.1f} after, small-op probe "
+        f"{meta['parallel_op_probe_us']:.0f} / {meta['parallel_op_probe_us_after']:.0f} us; `{meta['command']}`",
         "",
         "| T | pass | SDPA s | MoBA s | MoBA speed-up | reference s | vs reference | SDPA peak MiB | MoBA peak MiB "
         "| peak ratio |",
@@ -272,6 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "load_before": os.getloadavg(),
+        "parallel_op_probe_us": parallel_op_probe(),
         "command": " ".join(["python", "bench/bench_attention.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     print(json.dumps(meta), flush=True)
@@ -282,6 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mla_decode": bench_mla_decode(cache_len, max(repeats, 5)),
     }
     meta["load_after"] = os.getloadavg()
+    meta["parallel_op_probe_us_after"] = parallel_op_probe()
     print(markdown(results))
     if args.json:
         with open(args.json, "w") as f:
