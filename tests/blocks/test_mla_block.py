@@ -90,6 +90,7 @@ VARIANTS = {
         "latent_norm": False,
     },
     "q-lora-nope-zero": {"q_lora_rank": 10, "qk_nope_head_dim": 0},
+    "no-rope": {"num_kv_heads": 2, "num_rope_heads": 2, "qk_rope_head_dim": 0, "qk_norm": True},
 }
 
 

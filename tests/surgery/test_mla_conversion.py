@@ -73,8 +73,9 @@ def test_lower_rank_or_partial_rope_changes_the_logits(kw):
     assert max_abs_diff(_logits(_convert(tiny_hf_model("qwen2"), **kw), ids, mask), reference) > 1e-3
 
 
-def test_cached_decoding_of_a_compressed_model_equals_its_full_forward():
-    model = _convert(tiny_hf_model("qwen3"), calibrate=True, kv_lora_rank=10, rope_dims=4)
+@pytest.mark.parametrize("rope_dims", [4, 0], ids=["partial-rope", "no-rope"])
+def test_cached_decoding_of_a_compressed_model_equals_its_full_forward(rope_dims):
+    model = _convert(tiny_hf_model("qwen3"), calibrate=True, kv_lora_rank=10, rope_dims=rope_dims)
     ids, mask = _batch()
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask).logits
@@ -86,7 +87,7 @@ def test_cached_decoding_of_a_compressed_model_equals_its_full_forward():
     incremental = torch.cat(steps, 1)
     assert max_abs_diff(incremental[mask.bool()], full[mask.bool()]) <= 1e-4
     expected = sum(kv_cache_bytes_per_token(layer.self_attn) for layer in model.model.layers)
-    assert cache.bytes_per_token() == expected == 2 * (10 + 2 * 4 + 2) * 4  # latent + 2 rope heads + 2 scales
+    assert cache.bytes_per_token() == expected == 2 * (10 + 2 * rope_dims + 2) * 4  # latent, 2 rope heads, 2 scales
 
 
 def test_cache_bytes_before_and_after():

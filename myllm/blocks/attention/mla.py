@@ -341,11 +341,11 @@ class MLAttention(Attention):
         scores = scores.view(bsz, self.num_kv_heads, groups * q_len, kv_len)
         if self.qk_norm:
             scores = scores * scale.transpose(1, 2)[:, :, None, :].to(scores.dtype)
-        rope_q = q_rope.reshape(bsz * self.num_rope_heads, -1, self.qk_rope_head_dim)  # (B*R, H/R*T, dr)
-        rope_k = k_rope.transpose(1, 2).reshape(bsz * self.num_rope_heads, kv_len, -1)  # (B*R, Tk, dr)
-        scores = scores.reshape(bsz, n_heads, q_len, kv_len) + torch.bmm(rope_q, rope_k.transpose(1, 2)).view(
-            bsz, n_heads, q_len, kv_len
-        )
+        scores = scores.reshape(bsz, n_heads, q_len, kv_len)
+        if self.qk_rope_head_dim:
+            rope_q = q_rope.reshape(bsz * self.num_rope_heads, -1, self.qk_rope_head_dim)  # (B*R, H/R*T, dr)
+            rope_k = k_rope.transpose(1, 2).reshape(bsz * self.num_rope_heads, kv_len, -1)  # (B*R, Tk, dr)
+            scores = scores + torch.bmm(rope_q, rope_k.transpose(1, 2)).view(bsz, n_heads, q_len, kv_len)
         scores = scores.float() * self.scaling
         mask = as_bool_mask(attention_mask, q_len, kv_len, scores.device)  # (B|1, 1, T, Tk)
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
