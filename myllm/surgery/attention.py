@@ -40,8 +40,11 @@ class AttentionSpec:
         """Keyword arguments of a myllm GQA attention block (``eager``/``sdpa``/``moba``) with these sizes.
 
         Raises:
-            ValueError: the module has biases on only some of q/k/v, which a GQA block cannot hold.
+            ValueError: the module has biases on only some of q/k/v, or a sliding window; a GQA block holds
+                neither.
         """
+        if self.sliding_window is not None:
+            raise ValueError(f"sliding-window attention (window {self.sliding_window}) has no myllm block")
         if len({self.q_bias, self.k_bias, self.v_bias}) > 1:
             raise ValueError(
                 f"q/k/v biases must be all present or all absent for a GQA block; got q={self.q_bias}, "
@@ -59,7 +62,6 @@ class AttentionSpec:
             "dropout": self.dropout,
             "scaling": self.scaling,
             "layer_idx": self.layer_idx,
-            "sliding_window": self.sliding_window,
             "rope_parameters": self.rope_parameters,
             "max_position_embeddings": self.max_position_embeddings,
         }

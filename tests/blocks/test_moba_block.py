@@ -48,7 +48,7 @@ def test_settings_live_on_the_module():
     [
         ({"chunk_size": 0}, "chunk_size"),
         ({"top_k": 0}, "top_k"),
-        ({"sliding_window": 8}, "sliding_window"),
+        ({"sliding_window": 8}, "sliding_window"),  # no GQA block has one; MoBA would not follow it either
         ({"dropout": 0.1}, "dropout"),
         ({"kernel": "flash"}, "kernel"),
     ],

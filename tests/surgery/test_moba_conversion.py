@@ -109,6 +109,8 @@ def test_bad_settings_and_unknown_attention_raise_before_anything_changes():
         to_moba(deepseek, chunk_size=4, top_k=2)
     with pytest.raises(TypeError, match="cannot convert"):
         read_attention(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="sliding-window"):
+        to_moba(tiny_hf_model("mistral", sliding_window=8).model.layers[0].self_attn, chunk_size=4, top_k=2)
     with pytest.raises(KeyError, match="missing"):
         moba_state_dict({"q_proj.weight": torch.zeros(1)})
 

@@ -51,7 +51,7 @@ from transformers.cache_utils import Cache
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from myllm.blocks.attention.base import Attention, rope_config
+from myllm.blocks.attention.base import Attention, rope_config, rope_signature
 from myllm.blocks.attention.kernels import as_bool_mask, sdpa_attention
 from myllm.blocks.norm import RMSNorm
 from myllm.blocks.registry import BlockConfig, register
@@ -193,11 +193,22 @@ class MLAttention(Attention):
             self.q_norm = RMSNorm(hidden_size=self.qk_head_dim, eps=norm_eps)
             self.k_norm = RMSNorm(hidden_size=self.qk_head_dim, eps=norm_eps)
         self.norm_eps = norm_eps
-        self.rotary_emb = LlamaRotaryEmbedding(
-            rope_config(
-                head_dim=self.rope_table_dim, rope_parameters=params, max_position_embeddings=max_position_embeddings
-            )
-        )
+        rope = {
+            "head_dim": self.rope_table_dim,
+            "rope_parameters": rope_parameters,
+            "max_position_embeddings": max_position_embeddings,
+        }
+        self.rotary_emb = LlamaRotaryEmbedding(rope_config(**rope))
+        self.rope_signature = rope_signature(**rope)  # host models pass their (cos, sin) iff this matches
+
+    def deepnorm_weights(self) -> list[torch.Tensor]:
+        """DeepNet's beta-scaled weights: the value rows of ``kv_b_proj`` (``[Hkv, dv, r]``) and ``o_proj``."""
+        weight = self.kv_b_proj.weight
+        with torch.no_grad():
+            values = weight.view(self.num_kv_heads, -1, self.kv_lora_rank)[:, self.qk_nope_head_dim :]
+        if getattr(weight, "_is_hf_initialized", False):  # loaded weights stay as they are
+            values._is_hf_initialized = True
+        return [values, self.o_proj.weight]
 
     # ------------------------------------------------------------------------------------------------------
     # projections

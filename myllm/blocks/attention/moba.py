@@ -42,8 +42,6 @@ class MobaConfig(AttentionConfig):
 
     @model_validator(mode="after")
     def _check_moba(self) -> MobaConfig:
-        if self.sliding_window is not None:
-            raise ValueError("MoBA does not combine with sliding_window (its blocks follow the sequence start)")
         if self.dropout:
             raise ValueError("MoBA does not support attention dropout; use dropout=0.0")
         return self
