@@ -130,6 +130,10 @@ def _example() -> dict:
 class MLAttention(Attention):
     """Multi-head latent attention with DeepSeek-V3 parameter names and an absorbed-weight decoding path."""
 
+    # Capability read by the factory: converting trained attention decides this block's sizes (latent layout,
+    # RoPE pairs) from the weights, so its keywords are completed by the weight mover before validation.
+    kwargs_from_weights = True
+
     def __init__(
         self,
         *,
@@ -172,10 +176,8 @@ class MLAttention(Attention):
         self.attention_dropout, self.layer_idx = dropout, layer_idx
         params = rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
         self.scaling = scaling if scaling is not None else yarn_apply_mscale(params, self.qk_head_dim**-0.5)
-        pairs = rope_pairs if rope_pairs is not None else [list(range(qk_rope_head_dim // 2))]
-        rope_pairs_t = torch.tensor(pairs, dtype=torch.long).reshape(len(pairs), qk_rope_head_dim // 2)
-        self.register_buffer("rope_pairs", rope_pairs_t, persistent=False)
-        self._has_pairs = rope_pairs is not None
+        # plain data, not a buffer: models built on the meta device would not restore a non-persistent buffer
+        self.rope_pairs = None if rope_pairs is None else [list(p) for p in rope_pairs]
 
         q_out = num_heads * self.qk_head_dim
         if q_lora_rank is None:
@@ -268,9 +270,10 @@ class MLAttention(Attention):
                 f"position_embeddings have head dim {cos.shape[-1]}, this MLA block expects {self.rope_table_dim}"
             )
         half = self.rope_table_dim // 2
-        if self._has_pairs:  # (B, T, half) -> (B, R, 1, T, n): each RoPE head's own frequencies
-            cos = cos[..., :half][..., self.rope_pairs].permute(0, 2, 1, 3)[:, :, None]
-            sin = sin[..., :half][..., self.rope_pairs].permute(0, 2, 1, 3)[:, :, None]
+        if self.rope_pairs is not None:  # (B, T, half) -> (B, R, 1, T, n): each RoPE head's own frequencies
+            pairs = torch.tensor(self.rope_pairs, dtype=torch.long, device=cos.device)
+            cos = cos[..., :half][..., pairs].permute(0, 2, 1, 3)[:, :, None]
+            sin = sin[..., :half][..., pairs].permute(0, 2, 1, 3)[:, :, None]
         else:
             cos, sin = cos[:, None, None, :, :n], sin[:, None, None, :, :n]
         if self.rope_interleave:  # adjacent pairs in, rotate-half layout out (as DeepSeek-V3 in transformers)
