@@ -1,9 +1,8 @@
 """Text generation with sampling options and the KV cache chosen from the block registry (``myllm generate``).
 
-The cache is a registry block (``myllm.blocks.available("cache")``: ``dynamic``, ``static``, ...). A MyLLM model
-builds it itself from ``cache_implementation`` (its ``generate`` resolves the name through the registry); for
-any other HF causal LM the block is built here, sized for the prompt plus the new tokens, and passed as
-``cache``.
+The cache is a registry block (``myllm.blocks.available("cache")``: ``dynamic``, ``static``, ``latent`` for MLA
+...), built here from the model's config, sized for the prompt plus the new tokens, and passed to ``generate``
+as ``cache`` (MyLLM and any other HF causal LM alike).
 
 Usage::
 
@@ -26,14 +25,15 @@ if TYPE_CHECKING:
 def cache_kwargs(model: PreTrainedModel, cache: str, max_len: int) -> dict[str, Any]:
     """``generate`` keywords that make it decode with the registry's cache block ``cache``.
 
+    The block is built here from the model's config (blocks with a ``max_cache_len`` get ``max_len``) and
+    passed as ``cache``, for MyLLM and any other HF causal LM alike.
+
     Raises:
         ValueError: ``cache`` is not a registered cache block (the message lists them).
     """
     names = registry.available("cache")
     if cache not in names:
         raise ValueError(f"unknown cache block {cache!r}; registered cache blocks: {', '.join(names)}")
-    if getattr(model.config, "model_type", None) == "myllm":
-        return {"cache_implementation": cache}  # MyLLM resolves the name through the registry
     spec = registry.get("cache", cache)
     kwargs: dict[str, Any] = {"config": model.config}
     if "max_cache_len" in spec.config.model_fields:
@@ -123,8 +123,6 @@ def generate_text(
         **sampling,
     )
     kwargs = cache_kwargs(model, cache, width + max_new_tokens)
-    if "cache_implementation" in kwargs:  # a generation-config field: passing it beside the config is deprecated
-        config.cache_implementation = kwargs.pop("cache_implementation")
     was_training = model.training
     model.eval()
     try:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from lm_fixtures import *  # noqa: F403  (fixtures)
 from transformers import DynamicCache, StaticCache
-from utils import tiny_hf_model
+from utils import tiny_hf_model, tiny_myllm
 
 from myllm.generation import cache_kwargs, generate_text
 
@@ -42,7 +42,7 @@ def test_greedy_matches_argmax_loop_with_each_cache(lm_model, llama, lm_tokenize
 
 
 def test_registry_cache_is_what_generate_uses(lm_model, llama):
-    assert cache_kwargs(lm_model, "static", 40) == {"cache_implementation": "static"}
+    assert isinstance(cache_kwargs(lm_model, "static", 40)["cache"], StaticCache)
     built = cache_kwargs(llama, "static", 40)["cache"]
     assert isinstance(built, StaticCache) and built.layers[0].max_cache_len == 40
     assert isinstance(cache_kwargs(llama, "dynamic", 40)["cache"], DynamicCache)
@@ -98,3 +98,15 @@ def test_bad_sampling_options(lm_model, lm_tokenizer, kwargs, match):
 def test_empty_prompt_without_start_token(lm_model, lm_tokenizer):
     with pytest.raises(ValueError, match="empty prompt"):
         generate_text(lm_model, lm_tokenizer, "")
+
+
+@pytest.mark.parametrize("cache", ["latent", "dynamic"])
+def test_mla_model_decodes_with_the_latent_cache(lm_tokenizer, cache):
+    from myllm import factory
+
+    model = tiny_myllm(vocab_size=len(lm_tokenizer))
+    factory.replace(model, "attention", "mla", kv_lora_rank=8, rope_dims=4)
+    ids = lm_tokenizer("Return the")["input_ids"]
+    expected = argmax_continuation(model, ids, 8, lm_tokenizer.eos_token_id)
+    out = generate_text(model, lm_tokenizer, "Return the", max_new_tokens=8, do_sample=False, cache=cache)
+    assert out == [lm_tokenizer.decode(expected, skip_special_tokens=True)]
