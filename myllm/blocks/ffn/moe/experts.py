@@ -28,7 +28,8 @@ class Experts(nn.Module):
     """E gated MLPs stored as two fused 3-D parameters.
 
     Call as HF experts: ``experts(hidden_states [N, H], top_k_index [N, K], top_k_weights [N, K]) -> [N, H]``,
-    or with a ready :class:`DispatchPlan` through :meth:`run`.
+    or with a ready :class:`DispatchPlan`: ``experts(hidden_states, plan=plan)``. Going through ``__call__``
+    (not a bare method) matters: module hooks, e.g. DeepSpeed ZeRO-3 parameter gathering, run there.
     """
 
     def __init__(
@@ -53,13 +54,23 @@ class Experts(nn.Module):
         )
 
     def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor | None = None,
+        top_k_weights: torch.Tensor | None = None,
+        *,
+        plan: DispatchPlan | None = None,
     ) -> torch.Tensor:
-        """HF experts call: ``[N, H]``, ``[N, K]`` experts, ``[N, K]`` weights -> ``[N, H]``."""
-        return self.run(hidden_states, dispatch(top_k_index, top_k_weights, self.n_experts))
+        """Apply the experts to routed rows and combine them per token: ``[N, H] -> [N, H]``.
 
-    def run(self, hidden_states: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """Apply the experts to dispatched rows and combine them per token: ``[N, H] -> [N, H]``."""
+        Args:
+            hidden_states: ``[N, H]``.
+            top_k_index: ``[N, K]`` selected experts (HF call), or
+            top_k_weights: ``[N, K]`` their weights (HF call).
+            plan: the rows already sorted by expert (instead of ``top_k_index`` / ``top_k_weights``).
+        """
+        if plan is None:
+            plan = dispatch(top_k_index, top_k_weights, self.n_experts)
         if self.impl == "eager":
             return self.reference(hidden_states, plan)
         return fused_experts(

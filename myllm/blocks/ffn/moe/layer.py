@@ -102,7 +102,7 @@ class RoutedExperts(nn.Module):
         """One routed pass over ``x [N, H]``: route -> dispatch -> experts -> combine -> shared."""
         route = router(x)  # route
         plan = dispatch(route.indices, route.weights, self.n_experts)  # dispatch
-        y = self.experts.run(x, plan)  # experts + combine (fused in the fast path)
+        y = self.experts(x, plan=plan)  # experts + combine (fused in the fast path)
         if self.shared_experts is not None:  # shared
             y = y + gated_shared_output(x, self.shared_experts, self.shared_expert_gate)
         router.record_load(plan.counts)

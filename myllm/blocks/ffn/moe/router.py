@@ -15,16 +15,16 @@ Legend: N tokens (B*T), H hidden size, E experts, K experts per token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-@dataclass
-class RouterOutput:
-    """Result of routing N tokens.
+class RouterOutput(NamedTuple):
+    """Result of routing N tokens (a named tuple, so hooks that walk module outputs, e.g. DeepSpeed
+    ZeRO-3's, see every tensor).
 
     Attributes:
         logits: ``[N, E]`` float32 raw router logits (before temperature), as HF's ``router_logits``.
