@@ -82,5 +82,6 @@ def test_zero3_trains_with_idle_experts_and_ranks_agree(tmp_path, extensions_dir
 def test_naive_per_expert_moe_fails_under_the_same_forcing(tmp_path, extensions_dir):
     code, log = _launch(tmp_path, extensions_dir, "--naive")
     assert code != 0, f"the naive MoE was expected to fail under ZeRO-3 with idle experts:\n{log}"
-    # ... and for the right reason: ranks disagree on which parameters take part (or it hangs)
-    assert code is None or "disagreement" in log, log
+    # ... during training (setup went fine), without writing results: the collectives of the ranks diverged
+    assert "deepspeed initialised, training" in log, log
+    assert not (tmp_path / "out" / "rank0.json").exists()

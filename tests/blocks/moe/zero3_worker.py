@@ -97,6 +97,7 @@ def main() -> None:
     }
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    print(f"rank {rank}: deepspeed initialised, training", flush=True)
     g = torch.Generator().manual_seed(100 + rank)
     losses, idle = [], []
     for _ in range(5):
