@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from utils import assert_close, tiny_hf_config
 
-from myllm.blocks.ffn.moe import Experts
+from myllm.blocks.ffn.moe import Experts, kernels
 from myllm.blocks.ffn.moe.dispatch import dispatch
 from myllm.blocks.ffn.moe.kernels import fused_experts, grouped_mm_usable
 
@@ -80,6 +80,21 @@ def test_fast_path_matches_reference_outputs_and_grads(n, e, k, h, i, grouped):
     x = torch.randn(n, h)
     idx, w = _routing(n, e, k)
     _check_same(ex, x, idx, w, use_grouped_mm=grouped)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 600], ids=["one-expert-per-chunk", "few-experts-per-chunk"])
+def test_chunked_cpu_path_matches_reference(chunk_bytes, monkeypatch):
+    """The CPU path splits rows into chunks of whole experts; any chunking gives the same results."""
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", chunk_bytes)
+    ex = _experts(7, 16, 8)
+    x = torch.randn(45, 16)
+    idx, w = _routing(45, 7, 3)
+    plan = dispatch(idx, w, 7)
+    max_rows = max(1, chunk_bytes // (16 * 4))
+    chunks = kernels.plan_chunks(plan.counts.tolist(), plan.offsets, 45 * 3, max_rows)
+    assert len(chunks) > 1 and chunks[-1].r1 == 45 * 3
+    assert [c.e0 for c in chunks[1:]] == [c.e1 for c in chunks[:-1]]  # consecutive, whole experts
+    _check_same(ex, x, idx, w, use_grouped_mm=False)
 
 
 def test_non_silu_activation_uses_generic_backward():

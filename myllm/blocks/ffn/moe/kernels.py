@@ -2,28 +2,36 @@
 
 One autograd node does the ``experts`` and ``combine`` stages for all experts at once, on rows already
 sorted by expert (:func:`myllm.blocks.ffn.moe.dispatch.dispatch`). Compared with composing the same steps
-from autograd ops it saves the intermediate copies autograd would keep (the gathered input is recomputed
-in backward, only the up-projection output ``h [S, 2I]`` and the weighted activation ``[S, I]`` are kept)
-and folds the routing weight into the activation before the down projection (``[S, I]`` instead of
-``[S, H]`` work). The weight gradients are always full ``[E, ...]`` tensors (zeros for experts that got no
-rows), so every expert parameter takes part in every backward: ranks of a ZeRO-3 job never disagree on
-which parameters produced gradients.
+from autograd ops it keeps fewer intermediates (the gathered input is recomputed in backward; only the
+up-projection output ``h [S, 2I]`` and the weighted activation ``[S, I]`` are saved) and folds the routing
+weight into the activation before the down projection (``[S, I]`` instead of ``[S, H]`` work). The weight
+gradients are always full ``[E, ...]`` tensors (zeros for experts that got no rows), so every expert
+parameter takes part in every backward: ranks of a ZeRO-3 job never disagree on which parameters
+produced gradients.
 
-Grouped GEMMs use ``torch.nn.functional.grouped_mm`` (or ``torch._grouped_mm``) when the device, dtype and
-16-byte alignment allow; otherwise an exact loop of per-expert ``mm`` on contiguous row blocks.
+Two matrix-product backends, same results (tests compare both with the plain reference):
 
-Legend: N tokens, H hidden, I expert intermediate size, E experts, S routed rows (N*K), sorted by expert.
+- grouped GEMM (``torch.nn.functional.grouped_mm`` / ``torch._grouped_mm``) over all rows at once; the
+  default off CPU when device, dtype and 16-byte alignment allow (:func:`grouped_mm_usable`);
+- a per-expert ``mm`` loop writing into preallocated outputs, over chunks of whole experts of at most
+  :data:`CHUNK_BYTES` per temporary: the default on CPU (where grouped_mm is itself a loop of ``mm``) and
+  the fallback for unaligned sizes. Small chunks matter on CPU: large temporaries are freshly mapped (and
+  page-faulted) by the C allocator on every call, chunk-sized ones are recycled.
+
+Legend: N tokens, H hidden, I expert intermediate size, E experts, S routed rows (N*K), sorted by expert;
+n rows of one chunk.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+CHUNK_BYTES = 8 << 20  # largest per-chunk temporary of the CPU path
 _GMM_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.bfloat16,)}
 
 
@@ -51,50 +59,84 @@ def grouped_mm_usable(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def _blocks(counts: Sequence[int]) -> list[tuple[int, int, int]]:
-    """``(expert, start, end)`` of each non-empty row block."""
-    out, start = [], 0
-    for e, c in enumerate(counts):
-        if c:
-            out.append((e, start, start + c))
-        start += c
-    return out
+@dataclass(frozen=True)
+class Chunk:
+    """A run of consecutive experts ``[e0, e1)`` and their sorted rows ``[r0, r1)``.
+
+    ``counts`` (rows per expert of the chunk, on the host) selects the per-expert ``mm`` loop; ``None``
+    selects one grouped GEMM over all experts with the device ``offsets``.
+    """
+
+    e0: int
+    e1: int
+    r0: int
+    r1: int
+    counts: tuple[int, ...] | None = None
+    offsets: torch.Tensor | None = None
+
+    def blocks(self) -> list[tuple[int, int, int]]:
+        """``(expert, start, end)`` of each non-empty row block, rows relative to the chunk."""
+        out, start = [], 0
+        for e, c in enumerate(self.counts or (), start=self.e0):
+            if c:
+                out.append((e, start, start + c))
+            start += c
+        return out
 
 
-def group_linear(
-    a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: Sequence[int] | None
-) -> torch.Tensor:
-    """Rows of expert e times ``w[e]^T``: ``a [S, K]``, ``w [E, M, K]`` -> ``[S, M]``."""
+def plan_chunks(counts: list[int] | None, offsets: torch.Tensor, n_rows: int, max_rows: int) -> list[Chunk]:
+    """Split the sorted rows into chunks of whole experts with at most ``max_rows`` rows (or one expert).
+
+    Chunking keeps every temporary small, so the CPU allocator recycles it instead of mapping (and
+    page-faulting) fresh memory on every call. ``counts=None`` (grouped GEMM): a single chunk.
+    """
     if counts is None:
-        return _GROUPED_MM(a, w.transpose(1, 2), offs=offsets)
-    out = a.new_empty(a.shape[0], w.shape[1])
-    for e, s0, s1 in _blocks(counts):
+        return [Chunk(0, offsets.shape[0], 0, n_rows, None, offsets)]
+    chunks, e0, r0, rows = [], 0, 0, 0
+    for e, c in enumerate(counts):
+        if rows and rows + c > max_rows:
+            chunks.append(Chunk(e0, e, r0, r0 + rows, tuple(counts[e0:e])))
+            e0, r0, rows = e, r0 + rows, 0
+        rows += c
+    chunks.append(Chunk(e0, len(counts), r0, r0 + rows, tuple(counts[e0:])))
+    return chunks
+
+
+def group_linear(chunk: Chunk, a: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of expert e times ``w[e]^T``: ``a [n, K]``, ``w [E, M, K]`` -> ``[n, M]``."""
+    if chunk.counts is None:
+        return _GROUPED_MM(a, w.transpose(1, 2), offs=chunk.offsets)
+    out = a.new_empty(a.shape[0], w.shape[1]) if out is None else out
+    for e, s0, s1 in chunk.blocks():
         torch.mm(a[s0:s1], w[e].t(), out=out[s0:s1])
     return out
 
 
-def group_matmul(
-    g: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: Sequence[int] | None
-) -> torch.Tensor:
-    """Rows of expert e times ``w[e]``: ``g [S, M]``, ``w [E, M, K]`` -> ``[S, K]``."""
-    if counts is None:
-        return _GROUPED_MM(g, w, offs=offsets)
-    out = g.new_empty(g.shape[0], w.shape[2])
-    for e, s0, s1 in _blocks(counts):
+def group_matmul(chunk: Chunk, g: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of expert e times ``w[e]``: ``g [n, M]``, ``w [E, M, K]`` -> ``[n, K]``."""
+    if chunk.counts is None:
+        return _GROUPED_MM(g, w, offs=chunk.offsets)
+    out = g.new_empty(g.shape[0], w.shape[2]) if out is None else out
+    for e, s0, s1 in chunk.blocks():
         torch.mm(g[s0:s1], w[e], out=out[s0:s1])
     return out
 
 
-def group_outer(
-    g: torch.Tensor, a: torch.Tensor, offsets: torch.Tensor, counts: Sequence[int] | None, n_experts: int
-) -> torch.Tensor:
-    """Per-expert ``g_e^T a_e``: ``g [S, M]``, ``a [S, K]`` -> ``[E, M, K]`` (zeros for empty experts)."""
-    if counts is None and g.shape[0] > 0:
-        return _GROUPED_MM(g.t(), a, offs=offsets)
-    out = g.new_zeros(n_experts, g.shape[1], a.shape[1])
-    for e, s0, s1 in _blocks(counts or [0] * n_experts):
-        torch.mm(g[s0:s1].t(), a[s0:s1], out=out[e])
-    return out
+def group_outer(chunk: Chunk, g: torch.Tensor, a: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Per-expert ``g_e^T a_e`` (``g [n, M]``, ``a [n, K]``) written into ``grad[e]`` of ``grad [E, M, K]``.
+
+    Experts of the chunk without rows get zeros. Returns ``grad`` (a new tensor for the grouped GEMM).
+    """
+    if chunk.counts is None:
+        if g.shape[0] == 0:
+            return grad.zero_()
+        return _GROUPED_MM(g.t(), a, offs=chunk.offsets)
+    for e, c in enumerate(chunk.counts, start=chunk.e0):
+        if not c:
+            grad[e].zero_()
+    for e, s0, s1 in chunk.blocks():
+        torch.mm(g[s0:s1].t(), a[s0:s1], out=grad[e])
+    return grad
 
 
 def _act_grad(act: str, grad: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
@@ -119,59 +161,64 @@ class FusedExperts(torch.autograd.Function):
         down: torch.Tensor,  # [E, H, I]
         token: torch.Tensor,  # [S]
         weights: torch.Tensor,  # [S]
-        offsets: torch.Tensor,  # [E] int32
-        counts: list[int] | None,  # None: grouped_mm; else the per-expert loop
+        chunks: list[Chunk],
         act: str,
     ) -> torch.Tensor:
         inter = down.shape[-1]
-        xs = x.index_select(0, token)  # [S, H]
-        h = group_linear(xs, gate_up, offsets, counts)  # [S, 2I]
-        del xs
-        g, u = h[:, :inter], h[:, inter:]
-        aw = ACT2FN[act](g)  # [S, I]
-        aw.mul_(u).mul_(weights.to(aw.dtype).unsqueeze(-1))
-        y = group_linear(aw, down, offsets, counts)  # [S, H]
-        out = x.new_zeros(x.shape).index_add_(0, token, y)  # [N, H]
-        ctx.save_for_backward(x, gate_up, down, token, weights, offsets, h, aw)
-        ctx.counts, ctx.act = counts, act
+        out = x.new_zeros(x.shape)  # [N, H]
+        saved = []
+        for c in chunks:
+            tok = token[c.r0 : c.r1]
+            xs = x.index_select(0, tok)  # [n, H]
+            h = group_linear(c, xs, gate_up)  # [n, 2I]
+            aw = ACT2FN[act](h[:, :inter])  # [n, I]
+            aw.mul_(h[:, inter:]).mul_(weights[c.r0 : c.r1].to(aw.dtype).unsqueeze(-1))
+            y = group_linear(c, aw, down, out=xs if c.counts is not None else None)  # [n, H]
+            out.index_add_(0, tok, y)
+            saved += [h, aw]
+        ctx.save_for_backward(x, gate_up, down, token, weights, *saved)
+        ctx.chunks, ctx.act = chunks, act
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        x, gate_up, down, token, weights, offsets, h, aw = ctx.saved_tensors
-        counts, act = ctx.counts, ctx.act
+        x, gate_up, down, token, weights, *saved = ctx.saved_tensors
+        chunks, act = ctx.chunks, ctx.act
         need_x, need_gu, need_down, _, need_w = ctx.needs_input_grad[:5]
-        n_experts, inter = down.shape[0], down.shape[-1]
-        grad_x = grad_gu = grad_down = grad_w = None
-
-        gy = grad_out.contiguous().index_select(0, token)  # [S, H]
-        if need_down:
-            grad_down = group_outer(gy, aw, offsets, counts, n_experts)  # [E, H, I]
-        del aw
-        if not (need_x or need_gu or need_w):
-            return grad_x, grad_gu, grad_down, None, grad_w, None, None, None
-        gaw = group_matmul(gy, down, offsets, counts)  # [S, I] grad of the weighted activation
-        del gy
-        g, u = h[:, :inter], h[:, inter:]
-        act_g = ACT2FN[act](g)  # [S, I]
-        a = act_g * u
-        if need_w:  # row-wise dot products without an [S, I] temporary
-            grad_w = torch.bmm(gaw.unsqueeze(1), a.unsqueeze(2)).view(-1).to(weights.dtype)
-        if need_x or need_gu:
-            ga = gaw.mul_(weights.to(gaw.dtype).unsqueeze(-1))  # [S, I] grad of act(g) * u
-            gh = torch.empty_like(h)  # [S, 2I]
+        inter = down.shape[-1]
+        grad_out = grad_out.contiguous()
+        grad_x = x.new_zeros(x.shape) if need_x else None
+        grad_gu = torch.empty_like(gate_up) if need_gu else None
+        grad_down = torch.empty_like(down) if need_down else None
+        grad_w = weights.new_empty(weights.shape) if need_w else None
+        need_h = need_x or need_gu or need_w
+        for c, h, aw in zip(chunks, saved[0::2], saved[1::2], strict=True):
+            tok = token[c.r0 : c.r1]
+            gy = grad_out.index_select(0, tok)  # [n, H]
+            if need_down:
+                grad_down = group_outer(c, gy, aw, grad_down)  # [E, H, I]
+            if not need_h:
+                continue
+            gaw = group_matmul(c, gy, down)  # [n, I] grad of the weighted activation
+            g, u = h[:, :inter], h[:, inter:]
+            act_g = ACT2FN[act](g)  # [n, I]
+            a = act_g * u
+            if need_w:  # row-wise dot products without an [n, I] temporary
+                grad_w[c.r0 : c.r1] = torch.bmm(gaw.unsqueeze(1), a.unsqueeze(2)).view(-1)
+            if not (need_x or need_gu):
+                continue
+            ga = gaw.mul_(weights[c.r0 : c.r1].to(gaw.dtype).unsqueeze(-1))  # [n, I] grad of act(g) * u
+            gh = torch.empty_like(h)  # [n, 2I]
             torch.mul(ga, act_g, out=gh[:, inter:])
             _act_grad(act, torch.mul(ga, u, out=a), g, gh[:, :inter])
-            del ga, a, act_g
             if need_gu:
-                xs = x.index_select(0, token)  # recomputed rather than kept from forward
-                grad_gu = group_outer(gh, xs, offsets, counts, n_experts)  # [E, 2I, H]
-                del xs
+                xs = torch.index_select(x, 0, tok, out=gy)  # recomputed rather than kept from forward
+                grad_gu = group_outer(c, gh, xs, grad_gu)  # [E, 2I, H]
             if need_x:
-                gxs = group_matmul(gh, gate_up, offsets, counts)  # [S, H]
-                grad_x = x.new_zeros(x.shape).index_add_(0, token, gxs)
-        return grad_x, grad_gu, grad_down, None, grad_w, None, None, None
+                gxs = group_matmul(c, gh, gate_up, out=gy if c.counts is not None else None)  # [n, H]
+                grad_x.index_add_(0, tok, gxs)
+        return grad_x, grad_gu, grad_down, None, grad_w, None, None
 
 
 def fused_experts(
@@ -196,13 +243,14 @@ def fused_experts(
         weights: ``[S]`` combine weight of each row.
         counts: ``[E]`` rows per expert; offsets: ``[E]`` int32 cumulative counts.
         act: activation name (``transformers.activations.ACT2FN``) of the gate.
-        use_grouped_mm: force the grouped GEMM (True) or the per-expert loop (False); default: grouped GEMM
-            whenever :func:`grouped_mm_usable` allows it.
+        use_grouped_mm: force the grouped GEMM (True) or the chunked per-expert loop (False); default: the
+            grouped GEMM off CPU whenever :func:`grouped_mm_usable` allows it, else the loop.
     """
     wdtype = gate_up.dtype
     x_in = x if x.dtype == wdtype else x.to(wdtype)
     if use_grouped_mm is None:
-        use_grouped_mm = grouped_mm_usable(gate_up, down)
-    host_counts = None if use_grouped_mm else counts.tolist()
-    out = FusedExperts.apply(x_in, gate_up, down, token, weights, offsets, host_counts, act)
+        use_grouped_mm = x.device.type != "cpu" and grouped_mm_usable(gate_up, down)
+    max_rows = max(1, CHUNK_BYTES // (max(gate_up.shape[1], gate_up.shape[2]) * gate_up.element_size()))
+    chunks = plan_chunks(None if use_grouped_mm else counts.tolist(), offsets, token.shape[0], max_rows)
+    out = FusedExperts.apply(x_in, gate_up, down, token, weights.to(wdtype), chunks, act)
     return out if out.dtype == x.dtype else out.to(x.dtype)
