@@ -4,6 +4,8 @@
 Importing this package imports every block module, which registers them.
 """
 
+# Importing the kind packages registers their blocks (order matters only for readability).
+from myllm.blocks import attention, cache, ffn, norm  # noqa: E402,F401,I001
 from myllm.blocks.registry import (
     KINDS,
     BlockConfig,
@@ -14,11 +16,9 @@ from myllm.blocks.registry import (
     get,
     register,
     specs,
+    unregister,
     validate,
 )
-
-# Importing the kind packages registers their blocks (order matters only for readability).
-from myllm.blocks import norm, ffn, attention, cache  # noqa: E402,F401,I001
 
 __all__ = [
     "KINDS",
@@ -30,5 +30,6 @@ __all__ = [
     "get",
     "register",
     "specs",
+    "unregister",
     "validate",
 ]

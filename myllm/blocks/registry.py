@@ -116,12 +116,22 @@ def register(
     return decorator
 
 
+def unregister(kind: str, name: str) -> BlockSpec:
+    """Remove and return the registration of ``(kind, name)`` (e.g. a block a test registered temporarily)."""
+    table = _check_kind(kind)
+    spec = get(kind, name)
+    del table[spec.name]
+    return spec
+
+
 def get(kind: str, name: str) -> BlockSpec:
     """The :class:`BlockSpec` of ``(kind, name)``; raises :class:`RegistryError` listing valid names."""
     table = _check_kind(kind)
     key = _normalise(name) if isinstance(name, str) else name
     if key not in table:
-        raise RegistryError(f"unknown {kind} block {name!r}; available {kind} blocks: {', '.join(sorted(table)) or '(none)'}")
+        raise RegistryError(
+            f"unknown {kind} block {name!r}; available {kind} blocks: {', '.join(sorted(table)) or '(none)'}"
+        )
     return table[key]
 
 
