@@ -43,9 +43,9 @@ class Router(nn.Module):
     """Linear router ``[N, H] -> RouterOutput`` with softmax/sigmoid scores and (group-limited) top-k.
 
     The bias buffer (when present) only shifts which experts are *selected*; it never enters the weights
-    and receives no gradient. ``load`` (tokens per expert, int64 ``[E]``) is recorded by the owning block
-    after dispatch; in training it is also accumulated in ``load_since_update`` for the aux-loss-free
-    bias update (:func:`myllm.blocks.ffn.moe.update_router_bias`).
+    and receives no gradient. In training the owning block accumulates tokens per expert in
+    ``load_since_update`` (int64 ``[E]``) for the aux-loss-free bias update
+    (:func:`myllm.blocks.ffn.moe.update_router_bias`).
     """
 
     def __init__(
@@ -82,8 +82,7 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(n_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
-        # statistics (not saved with the model)
-        self.register_buffer("load", torch.zeros(n_experts, dtype=torch.int64), persistent=False)
+        # tokens per expert routed in training since the last bias update (not saved with the model)
         self.register_buffer("load_since_update", torch.zeros(n_experts, dtype=torch.int64), persistent=False)
 
     def extra_repr(self) -> str:
@@ -129,8 +128,11 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def record_load(self, counts: torch.Tensor) -> None:
-        """Record tokens per expert ``[E]`` of the last forward (and accumulate them while training)."""
-        self.load.copy_(counts)
+        """Accumulate tokens per expert ``[E]`` of a training forward for the aux-loss-free update.
+
+        (Activation checkpointing recomputes the forward and so counts each step twice: the sign rule of
+        :meth:`update_bias` is invariant to that scaling.)
+        """
         if self.training:
             self.load_since_update.add_(counts)
 
