@@ -1,6 +1,7 @@
 """ZeRO-3 safety: experts that get no tokens on one rank must not hang or break training.
 
-Two processes on CPU (gloo), DeepSpeed ZeRO-3 with every parameter partitioned, routing forced by the data
+Two processes on CPU (gloo), DeepSpeed ZeRO-3 with every parameter partitioned, a tiny MyLLM MoE model
+(``zero3_worker.py``), routing forced by the data
 so that rank 0 leaves half of the experts idle (checked) while rank 1 uses all, 5 optimizer steps. The fused experts always
 take part in forward and backward, so this works without marking leaf modules (and with it). A naive
 per-expert MoE under the same forcing fails: the negative control showing the hazard is real.
@@ -74,8 +75,8 @@ def test_zero3_trains_with_idle_experts_and_ranks_agree(tmp_path, extensions_dir
         assert torch.equal(value, states[1][name]), f"{name} differs across ranks"
     # training happened (routers started with only column 0 set), and the loss-free biases moved by the
     # *global* load (experts 0, 1 overloaded over both ranks), identically on both ranks (checked above)
-    assert states[0]["blocks.0.gate.weight"][:, 1:].abs().sum() > 0
-    bias = states[0]["blocks.0.gate.e_score_correction_bias"]
+    assert states[0]["model.layers.0.mlp.gate.weight"][:, 1:].abs().sum() > 0
+    bias = states[0]["model.layers.0.mlp.gate.e_score_correction_bias"]
     assert bool((bias[:2] < 0).all() and (bias[2:] > 0).all()), bias
 
 
