@@ -104,7 +104,7 @@ class RoutedExperts(nn.Module):
         plan = dispatch(route.indices, route.weights, self.n_experts)  # dispatch
         y = self.experts(x, plan=plan)  # experts + combine (fused in the fast path)
         if self.shared_experts is not None:  # shared
-            y = y + gated_shared_output(x, self.shared_experts, self.shared_expert_gate)
+            y = y.add_(gated_shared_output(x, self.shared_experts, self.shared_expert_gate))  # y: fresh kernel output
         router.record_load(plan.counts)
         self.records.append(RouteRecord(router, route, plan.counts.detach().clone(), router.training))
         return y
