@@ -22,6 +22,7 @@ Legend: B batch, T time, N = B*T tokens, H hidden, E experts, K experts per toke
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -161,15 +162,8 @@ class RoutedExperts(nn.Module):
         return total
 
     def _balance_term(self, mode: str, rec: RouteRecord, mask: torch.Tensor | None) -> torch.Tensor | None:
-        route = rec.route
-        if mode == "switch":
-            return switch_aux_loss(route.scores, route.indices, self.n_experts, mask)
-        if mode == "seq_aux":
-            b, t = self._batch_shape
-            return seq_aux_loss(route.scores.view(b, t, -1), route.indices.view(b, t, -1), self.n_experts, mask)
-        if mode == "z_loss":
-            return router_z_loss(route.logits, mask)
-        return None  # "loss_free" acts through the router bias, not through the loss
+        term = BALANCE_TERMS.get(mode)
+        return None if term is None else term(self, rec.route, mask)
 
     @torch.no_grad()
     def _exclude_padding(self, attention_mask: torch.Tensor) -> None:
@@ -188,6 +182,19 @@ class RoutedExperts(nn.Module):
             rec.load.sub_(padded)
             if rec.training:
                 rec.router.load_since_update.sub_(padded)
+
+
+def _seq_aux(block: RoutedExperts, route: RouterOutput, mask: torch.Tensor | None) -> torch.Tensor:
+    b, t = block._batch_shape
+    return seq_aux_loss(route.scores.view(b, t, -1), route.indices.view(b, t, -1), block.n_experts, mask)
+
+
+BALANCE_TERMS: dict[str, Callable[[RoutedExperts, RouterOutput, torch.Tensor | None], torch.Tensor]] = {
+    "switch": lambda block, route, mask: switch_aux_loss(route.scores, route.indices, block.n_experts, mask),
+    "seq_aux": _seq_aux,
+    "z_loss": lambda block, route, mask: router_z_loss(route.logits, mask),
+}
+"""Loss terms per balancing mode (``loss_free`` acts through the router bias, not through the loss)."""
 
 
 def _example() -> dict:
