@@ -10,8 +10,13 @@ Balancing: HF adds ``router_aux_loss_coef * load_balancing_loss_func(all layers)
 MoE layers the Switch coefficient ``router_aux_loss_coef / L`` (same scale; identical for one MoE layer,
 while for several HF multiplies layer-averaged loads and probabilities instead of averaging per-layer
 products). Mixtral's ``router_jitter_noise`` becomes the router's input jitter (HF also jitters the experts'
-input; training only). DeepSeek-V3 (MLA attention) is not converted here; its MoE block maps through
-:mod:`myllm.blocks.ffn.moe.hf` on its own.
+input; training only).
+
+DeepSeek-V3 (``deepseek_v3``): the attention (``mla``) and latent cache come from
+:mod:`myllm.models.deepseek`, whose dense-only converter this module replaces (``override=True``) with one
+that also maps the MoE layers (sigmoid router with ``e_score_correction_bias``, groups, routed scaling,
+shared experts); layers below ``first_k_dense_replace`` stay dense. HF computes no aux loss for DeepSeek-V3,
+so the import configures none; add ``balance={"loss_free": ...}`` (or others) to train with balancing.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from myllm.models.convert import (
     register_hf_converter,
     rename_keys,
 )
+from myllm.models.deepseek import deepseek_attention_config, deepseek_attention_spec
 
 _DERIVED = ("hidden_size", "act")  # the model supplies these to every FFN block
 
@@ -78,7 +84,8 @@ def moe_converter(
 
     Args:
         moe_layers: HF config -> per layer, whether it is sparse.
-        attention: HF config -> attention keywords (``qkv_bias``, ``qk_norm`` ...).
+        attention: HF config -> the ``MyLLMConfig`` keywords of the attention (its ``attention`` spec, and for
+            DeepSeek the ``kv_cache`` spec).
         hf_flags: ``(MyLLMConfig, dense layer indices)`` -> architecture-specific HF config keywords (attention
             flags, where the dense layers are); raises ``ValueError`` for layouts the target cannot express.
         renames: ``(hf_text, myllm_text)`` literal substrings of parameter names; reversed on export.
@@ -89,7 +96,7 @@ def moe_converter(
         kwargs = common_config_to_myllm(_without_unused_sliding_window(hf))
         sparse = moe_layers(hf)
         moe = {k: v for k, v in moe_kwargs_from_hf(hf).items() if k not in _DERIVED}
-        kwargs["attention"] = {"name": "sdpa", **attention(hf)}
+        kwargs.update(attention(hf))
         kwargs["ffn"] = {"name": "moe", **_scaled_switch(moe, 1.0 / max(1, sum(sparse)))}
         kwargs["layer_overrides"] = {str(i): {"ffn": {"name": "dense"}} for i, s in enumerate(sparse) if not s}
         kwargs["output_router_logits"] = bool(getattr(hf, "output_router_logits", False))
@@ -99,16 +106,11 @@ def moe_converter(
         resolved = [c.resolve_block("ffn", i) for i in range(c.num_hidden_layers)]
         sparse = [i for i, (name, _) in enumerate(resolved) if name == "moe"]
         dense = [i for i, (name, _) in enumerate(resolved) if name != "moe"]
-        if not sparse:
-            raise ValueError(f"cannot export to {model_type}: the model has no moe layer")
-        moe_kwargs = _scaled_switch(resolved[sparse[0]][1], float(len(sparse)))
-        fields = hf_config_from_moe_kwargs(model_type, moe_kwargs)
-        return {
-            **common_config_to_hf(c),
-            **fields,
-            **hf_flags(c, dense),
-            "output_router_logits": c.output_router_logits,
-        }
+        fields = {}  # a model without MoE layers keeps the target's default MoE fields (unused)
+        if sparse:
+            moe_kwargs = _scaled_switch(resolved[sparse[0]][1], float(len(sparse)))
+            fields = hf_config_from_moe_kwargs(model_type, moe_kwargs)
+        return {**common_config_to_hf(c), **fields, **hf_flags(c, dense)}
 
     return HFConverter(
         hf_class=hf_class,
@@ -120,14 +122,44 @@ def moe_converter(
     )
 
 
+def _sdpa(**kwargs: Any) -> dict[str, Any]:
+    return {"attention": {"name": "sdpa", **kwargs}}
+
+
 def _qwen_flags(c: MyLLMConfig, dense: list[int]) -> dict[str, Any]:
-    return {"mlp_only_layers": dense, "decoder_sparse_step": 1, "use_sliding_window": False}
+    return {
+        "mlp_only_layers": dense,
+        "decoder_sparse_step": 1,
+        "use_sliding_window": False,
+        "output_router_logits": c.output_router_logits,
+    }
 
 
 def _mixtral_flags(c: MyLLMConfig, dense: list[int]) -> dict[str, Any]:
     if dense:
         raise ValueError(f"cannot export to mixtral: layers {dense} have a dense FFN, Mixtral has only MoE layers")
-    return {"sliding_window": None}
+    return {"sliding_window": None, "output_router_logits": c.output_router_logits}
+
+
+def _deepseek_moe_layers(hf: PreTrainedConfig) -> list[bool]:
+    return [i >= hf.first_k_dense_replace for i in range(hf.num_hidden_layers)]
+
+
+def _deepseek_attention(hf: PreTrainedConfig) -> dict[str, Any]:
+    return {"attention": deepseek_attention_spec(hf), "kv_cache": {"name": "latent"}}
+
+
+def _deepseek_flags(c: MyLLMConfig, dense: list[int]) -> dict[str, Any]:
+    if dense != list(range(len(dense))):
+        raise ValueError(
+            f"cannot export to deepseek_v3: its dense layers are the first ones (first_k_dense_replace), got {dense}"
+        )
+    return {
+        **deepseek_attention_config(c),
+        "head_dim": c.attention["qk_rope_head_dim"],  # what DeepseekV3Config derives (RoPE dims)
+        "num_key_value_heads": c.num_attention_heads,
+        "first_k_dense_replace": len(dense),
+    }
 
 
 register_hf_converter(
@@ -137,7 +169,7 @@ register_hf_converter(
         "Qwen2MoeForCausalLM",
         "Qwen2MoeConfig",
         moe_layers=_qwen_moe_layers,
-        attention=lambda hf: {"qkv_bias": hf.qkv_bias},
+        attention=lambda hf: _sdpa(qkv_bias=hf.qkv_bias),
         hf_flags=lambda c, dense: {**_qwen_flags(c, dense), "qkv_bias": c.attention.get("qkv_bias", False)},
         renames=[(".mlp.shared_expert.", ".mlp.shared_experts.")],
     ),
@@ -149,7 +181,7 @@ register_hf_converter(
         "Qwen3MoeForCausalLM",
         "Qwen3MoeConfig",
         moe_layers=_qwen_moe_layers,
-        attention=lambda hf: {"qkv_bias": hf.attention_bias, "o_bias": hf.attention_bias, "qk_norm": True},
+        attention=lambda hf: _sdpa(qkv_bias=hf.attention_bias, o_bias=hf.attention_bias, qk_norm=True),
         hf_flags=lambda c, dense: {**_qwen_flags(c, dense), "attention_bias": c.attention.get("qkv_bias", False)},
     ),
 )
@@ -160,7 +192,19 @@ register_hf_converter(
         "MixtralForCausalLM",
         "MixtralConfig",
         moe_layers=_all_moe_layers,
-        attention=lambda hf: {},
+        attention=lambda hf: _sdpa(),
         hf_flags=_mixtral_flags,
     ),
+)
+register_hf_converter(
+    "deepseek_v3",
+    moe_converter(
+        "deepseek_v3",
+        "DeepseekV3ForCausalLM",
+        "DeepseekV3Config",
+        moe_layers=_deepseek_moe_layers,
+        attention=_deepseek_attention,
+        hf_flags=_deepseek_flags,
+    ),
+    override=True,  # replaces myllm.models.deepseek's dense-only converter (same attention mapping)
 )

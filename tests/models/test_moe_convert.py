@@ -1,4 +1,5 @@
-"""MoE inside MyLLM: import/export of Qwen2-MoE, Qwen3-MoE and Mixtral, aux losses, router logits, training.
+"""MoE inside MyLLM: import/export of Qwen2-MoE, Qwen3-MoE, Mixtral and DeepSeek-V3 (MLA + MoE), aux losses,
+router logits, training.
 
 Parity with the HF models (logits <= 1e-5 in eager and sdpa, left padding, cache) is paired with a perturbed
 router the check must detect; the aux loss equals HF's for a model with one MoE layer.
@@ -15,7 +16,7 @@ from myllm import MyLLMForCausalLM
 from myllm.blocks.ffn import DenseFFN
 from myllm.blocks.ffn.moe import MoE, expert_load, update_router_bias
 
-ARCHS = ["qwen2_moe", "qwen3_moe", "mixtral"]
+ARCHS = ["qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3"]
 
 
 def _hf(arch: str, *, attn: str = "sdpa", **overrides):
@@ -26,6 +27,9 @@ def _hf(arch: str, *, attn: str = "sdpa", **overrides):
         for name, p in model.named_parameters():
             if name.endswith("mlp.gate.weight"):
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek: a selection bias that matters
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
     return model
 
 
@@ -48,6 +52,22 @@ def test_imported_moe_model_parity_detects_a_perturbed_router(pair):
     with torch.no_grad():
         ours.model.layers[1].mlp.gate.weight[0] += 0.1
     assert max(_parity(hf, ours).values()) > TOL
+
+
+def test_deepseek_v3_imports_dense_first_layers_and_the_selection_bias():
+    hf = _hf("deepseek_v3", num_hidden_layers=3, first_k_dense_replace=2)
+    ours = MyLLMForCausalLM.from_hf(hf)
+    assert [type(layer.mlp) for layer in ours.model.layers] == [DenseFFN, DenseFFN, MoE]
+    gate = ours.model.layers[2].mlp.gate
+    assert torch.equal(gate.e_score_correction_bias, hf.model.layers[2].mlp.gate.e_score_correction_bias)
+    assert gate.n_group == 2 and gate.score_func == "sigmoid"
+    assert max(_parity(hf, ours).values()) <= TOL
+    with torch.no_grad():  # non-vacuity: the selection bias is used
+        gate.e_score_correction_bias.zero_()
+    assert max(_parity(hf, ours).values()) > TOL
+    with pytest.raises(ValueError, match="dense layers are the first ones"):
+        ours.config.layer_overrides = {"2": {"ffn": {"name": "dense"}}}
+        ours.to_hf()
 
 
 def test_qwen_dense_layers_become_layer_overrides():
@@ -83,9 +103,12 @@ def test_switch_coefficient_is_shared_across_moe_layers():
     assert back.config.router_aux_loss_coef == pytest.approx(0.02) and back.config.output_router_logits
 
 
+DENSE_LAYER = {"qwen2_moe": {"mlp_only_layers": [1]}, "qwen3_moe": {"mlp_only_layers": [1]}, "mixtral": {}}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_to_hf_exports_back_exactly(arch):
-    hf = _hf(arch, **({"mlp_only_layers": [1]} if arch != "mixtral" else {}))
+    hf = _hf(arch, **DENSE_LAYER.get(arch, {}))  # deepseek_v3: first_k_dense_replace=1 in the tiny config
     back = MyLLMForCausalLM.from_hf(hf).to_hf()
     assert type(back) is type(hf)
     theirs = hf.state_dict()
