@@ -1,0 +1,132 @@
+"""Fixtures for the training tests: a tiny byte-level BPE tokenizer trained on the fly, tiny HF models saved to
+temporary directories, small JSONL corpora and a run-config builder."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils import tiny_hf_model  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VOCAB = 320  # 256 byte symbols + ChatML specials + a few merges
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+WORDS = (
+    "the a model learns to predict next token from context small data tiny test loss goes down when training "
+    "works well experts route tokens attention heads see previous words"
+).split()
+
+
+def make_texts(n: int, seed: int = 0, min_words: int = 3, max_words: int = 30) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
+
+
+def make_conversations(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    rng = random.Random(seed)
+    convs = []
+    for _ in range(n):
+        conv = [{"role": "system", "content": "be brief"}] if rng.random() < 0.5 else []
+        for _ in range(rng.randint(1, 3)):
+            conv.append({"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6)))})
+            conv.append(
+                {"role": "assistant", "content": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 8)))}
+            )
+        convs.append(conv)
+    return convs
+
+
+def build_tokenizer(path: Path, vocab_size: int = VOCAB) -> transformers.PreTrainedTokenizerBase:
+    """A tiny byte-level BPE (``tokenizers``) with ChatML specials, saved as an HF tokenizer directory."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(make_texts(200, seed=1), trainer)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    hf.save_pretrained(path)
+    return hf
+
+
+def write_jsonl(path: Path, records: list[Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def save_tiny_model(path: Path, arch: str = "llama", seed: int = 0, **overrides: Any) -> Path:
+    overrides.setdefault("vocab_size", VOCAB)
+    tiny_hf_model(arch, seed=seed, **overrides).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def text_data(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "text.jsonl", [{"text": t} for t in make_texts(64)])
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory) -> Path:
+    convs = make_conversations(48)
+    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", [{"conversations": c} for c in convs])
+
+
+def run_config(tmp_path: Path, model_dir: Path, tokenizer_dir: Path, data: Path, **sections: Any) -> dict[str, Any]:
+    """A small valid run-config dict; ``sections`` update (dict sections merge one level deep)."""
+    cfg: dict[str, Any] = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"path": str(model_dir), "tokenizer": str(tokenizer_dir)},
+        "data": {"path": str(data), "seq_len": 32},
+        "train": {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 1, "seed": 0},
+        "optimizer": {"lr": 1e-3},
+        "schedule": {"kind": "constant"},
+        "logging": {"progress": False},
+        "engine": {"device": "cpu"},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def subprocess_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for a child process that must import this checkout of myllm."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))
+    env["OMP_NUM_THREADS"] = "1"
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    return env
+
+
+@pytest.fixture(scope="session")
+def torch_extensions_dir(tmp_path_factory) -> str:
+    """One fresh TORCH_EXTENSIONS_DIR per test session (unless the CI script already set one): DeepSpeed's CPU
+    comm extension is built once and a stale lock of a killed build can never hang a later run."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(tmp_path_factory.mktemp("torch_extensions"))
