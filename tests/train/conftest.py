@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -95,12 +96,14 @@ def chat_data(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", [{"conversations": c} for c in convs])
 
 
-def run_config(tmp_path: Path, model_dir: Path, tokenizer_dir: Path, data: Path, **sections: Any) -> dict[str, Any]:
+def run_config(
+    tmp_path: Path, model_dir: Path, tokenizer_dir: Path, data_path: Path, **sections: Any
+) -> dict[str, Any]:
     """A small valid run-config dict; ``sections`` update (dict sections merge one level deep)."""
     cfg: dict[str, Any] = {
         "output_dir": str(tmp_path / "run"),
         "model": {"path": str(model_dir), "tokenizer": str(tokenizer_dir)},
-        "data": {"path": str(data), "seq_len": 32},
+        "data": {"path": str(data_path), "seq_len": 32},
         "train": {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 1, "seed": 0},
         "optimizer": {"lr": 1e-3},
         "schedule": {"kind": "constant"},
@@ -130,3 +133,13 @@ def torch_extensions_dir(tmp_path_factory) -> str:
     """One fresh TORCH_EXTENSIONS_DIR per test session (unless the CI script already set one): DeepSpeed's CPU
     comm extension is built once and a stale lock of a killed build can never hang a later run."""
     return os.environ.get("TORCH_EXTENSIONS_DIR") or str(tmp_path_factory.mktemp("torch_extensions"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one intra-op thread; on a shared, loaded 2-core machine two threads that spin
+    against each other made these tests ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
