@@ -21,8 +21,8 @@ def _suffix_match(name: str, key: str) -> bool:
     return name == key or name.endswith("." + key)
 
 
-def _leaf_names(names: list[str]) -> str:
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n})
+def _leaf_names(names: list[str], parts: int = 1) -> str:
+    leaves = sorted({".".join(n.split(".")[-parts:]) for n in names if n})
     return ", ".join(leaves[:30]) + (" ..." if len(leaves) > 30 else "")
 
 
@@ -45,7 +45,7 @@ def check_targets(model: nn.Module, spec: LoraSpec) -> None:
     missing = [t for t in spec.target_parameters or [] if not any(_suffix_match(n, t) for n in params)]
     if missing:
         raise ValueError(
-            f"lora.target_parameters {missing} match no parameter; parameters end in: {_leaf_names(params)}"
+            f"lora.target_parameters {missing} match no parameter; parameters end in: {_leaf_names(params, parts=2)}"
         )
 
 
