@@ -4,6 +4,8 @@
 Importing this package imports every block module, which registers them.
 """
 
+# Importing the kind packages registers their blocks (order matters only for readability).
+from myllm.blocks import attention, cache, ffn, norm  # noqa: E402,F401,I001
 from myllm.blocks.registry import (
     KINDS,
     BlockConfig,
@@ -16,9 +18,6 @@ from myllm.blocks.registry import (
     specs,
     validate,
 )
-
-# Importing the kind packages registers their blocks (order matters only for readability).
-from myllm.blocks import norm, ffn, attention, cache  # noqa: E402,F401,I001
 
 __all__ = [
     "KINDS",

@@ -121,7 +121,9 @@ def get(kind: str, name: str) -> BlockSpec:
     table = _check_kind(kind)
     key = _normalise(name) if isinstance(name, str) else name
     if key not in table:
-        raise RegistryError(f"unknown {kind} block {name!r}; available {kind} blocks: {', '.join(sorted(table)) or '(none)'}")
+        raise RegistryError(
+            f"unknown {kind} block {name!r}; available {kind} blocks: {', '.join(sorted(table)) or '(none)'}"
+        )
     return table[key]
 
 

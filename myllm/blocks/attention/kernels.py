@@ -95,4 +95,6 @@ def sdpa_attention(
     transformers' wrapper handles GQA (``enable_gqa`` or ``repeat_kv``), ``is_causal`` dispatch and the
     static-cache prefill case; a float mask is passed to SDPA as an additive mask.
     """
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )

@@ -50,9 +50,7 @@ def build_dynamic_cache(*, config: PreTrainedConfig | None = None, offloading: b
     return DynamicCache(config=config, offloading=offloading)
 
 
-@register(
-    "cache", "static", config=StaticCacheConfig, example=lambda: {"config": _tiny_config(), "max_cache_len": 16}
-)
+@register("cache", "static", config=StaticCacheConfig, example=lambda: {"config": _tiny_config(), "max_cache_len": 16})
 def build_static_cache(*, config: PreTrainedConfig, max_cache_len: int, offloading: bool = False) -> StaticCache:
     """A cache preallocated to ``max_cache_len`` tokens per layer."""
     return StaticCache(config=config, max_cache_len=max_cache_len, offloading=offloading)

@@ -137,7 +137,12 @@ class DeepSpeedEngine(Engine):
         return self.ds(batch, counts)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.ds.backward(loss, scale_wrt_gas=False)
+        # DeepSpeed also hooks the forward outputs to divide their gradient by the accumulation steps unless the
+        # backward pass is already registered as the engine's; those hooks fire before the engine's own hook when
+        # the forward output itself is backpropagated (0.19.8 then divides despite scale_wrt_gas=False). A fresh
+        # node on top lets the engine's hook run first, so the step-normalised loss is used as is (tested against
+        # the torch engine with accumulation and clipping).
+        self.ds.backward(loss.clone(), scale_wrt_gas=False)
         self.ds.step()  # updates only at the accumulation boundary
 
     def step(self) -> float | None:

@@ -1,0 +1,60 @@
+"""Worker for the DeepSpeed tests (run by them in a child process, under torchrun for multi-rank runs).
+
+    python ds_worker.py OUT_DIR CONFIG [CONFIG ...]
+
+Trains each run config in turn in this one process, then writes per rank ``<i>-rank<r>.json`` (logged records,
+final directory) and ``<i>-rank<r>.safetensors`` (the full parameters this rank holds, gathered under ZeRO-3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from myllm.train import Trainer, load_config
+
+
+def full_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Every parameter as this rank sees it after gathering (collective under ZeRO-3)."""
+    import deepspeed
+
+    out = {}
+    for name, p in trainer.module.named_parameters():
+        ctx = deepspeed.zero.GatheredParameters([p]) if hasattr(p, "ds_id") else contextlib.nullcontext()
+        with ctx:
+            out[name] = p.detach().cpu().clone().contiguous()
+    return out
+
+
+def main(out_dir: str, *configs: str) -> None:
+    torch.set_num_threads(1)
+    out = Path(out_dir)
+    for i, path in enumerate(configs):
+        trainer = Trainer(load_config(path))
+        records = trainer.fit()
+        params = (
+            full_parameters(trainer)
+            if trainer.cfg.engine.kind == "deepspeed"
+            else dict(trainer.module.named_parameters())
+        )
+        save_file(
+            {k: v.detach().contiguous() for k, v in params.items()}, str(out / f"{i}-rank{trainer.rank}.safetensors")
+        )
+        result = trainer.export()
+        info = {
+            "records": records,
+            "final_dir": str(result.final_dir) if result.final_dir else None,
+            "start_step": records[0]["step"] - 1 if records else trainer.step,
+            "world_size": trainer.world_size,
+        }
+        (out / f"{i}-rank{trainer.rank}.json").write_text(json.dumps(info))
+        trainer.engine.close()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
