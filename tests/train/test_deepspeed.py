@@ -8,14 +8,19 @@ once (~40 s). Wall times are printed (run pytest with -s to see them).
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 import yaml
-from conftest import run_config, subprocess_env
+from conftest import run_config, save_tiny_model, subprocess_env
 from safetensors.torch import load_file
 from utils import assert_close
 
@@ -41,7 +46,7 @@ def _run(tmp_path, env_dir, configs, nproc=1):
             "--nproc_per_node",
             str(nproc),
             "--master_port",
-            "0",
+            str(_free_port()),
             str(WORKER),
             str(out),
             *paths,
@@ -49,11 +54,27 @@ def _run(tmp_path, env_dir, configs, nproc=1):
     env = subprocess_env(tmp_path)
     env["TORCH_EXTENSIONS_DIR"] = env_dir
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    # a new session, so that on a timeout the launcher *and* its workers are killed
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"DeepSpeed run timed out after {TIMEOUT} s:\n{stderr[-4000:]}")
+    proc = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     wall = time.perf_counter() - start
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
     print(f"\n[{nproc} process(es), {len(configs)} run(s)] wall time {wall:.1f} s")
     return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _result(out, i, rank):
@@ -85,3 +106,77 @@ def test_zero0_matches_the_torch_engine(tmp_path, llama_dir, tokenizer_dir, text
     assert max(r["grad_norm"] for r in ref["records"]) > 1.0  # clipping was active
     for name, p in ref_params.items():
         assert_close(got_params[name], p, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- two ranks, gloo, CPU
+MOE_SECTIONS = dict(
+    train={"max_steps": 5, "micro_batch_size": 2, "grad_accum": 1},
+    schedule={"kind": "cosine", "warmup_steps": 1},
+    checkpoint={"every": 3},
+)
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory, tokenizer_dir, text_data, torch_extensions_dir):
+    """A small MoE model (HF Qwen2-MoE) pretrained for 5 steps under ZeRO-2 and under ZeRO-3 by 2 ranks."""
+    tmp = tmp_path_factory.mktemp("zero")
+    model_dir = save_tiny_model(tmp / "moe", "qwen2_moe")
+    configs = [
+        run_config(
+            tmp / f"z{stage}",
+            model_dir,
+            tokenizer_dir,
+            text_data,
+            **MOE_SECTIONS,
+            engine={"kind": "deepspeed", "zero_stage": stage, "device": "cpu"},
+        )
+        for stage in (2, 3)
+    ]
+    return tmp, model_dir, configs, _run(tmp, torch_extensions_dir, configs, nproc=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", [0, 1], ids=["zero2", "zero3"])
+def test_two_ranks_complete_and_hold_identical_parameters(zero_runs, index):
+    _, model_dir, _, out = zero_runs
+    (info0, params0), (info1, params1) = _result(out, index, 0), _result(out, index, 1)
+    assert info0["world_size"] == 2 and [r["step"] for r in info0["records"]] == [1, 2, 3, 4, 5]
+    timing = {"tokens_per_s"}  # each rank times itself; every other value is reduced over both ranks
+    strip = [[{k: v for k, v in r.items() if k not in timing} for r in info["records"]] for info in (info0, info1)]
+    assert strip[0] == strip[1] and "aux" in strip[0][0]
+    assert info0["records"][-1]["tokens"] == 5 * 2 * 2 * 32  # each rank reads its own windows
+    assert params0.keys() == params1.keys() and len(params0) > 0
+    for name, p in params0.items():
+        assert torch.equal(p, params1[name]), name
+    start = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    moved = [n for n, p in start.named_parameters() if not torch.equal(p, params0[f"model.{n}"])]
+    assert any("experts" in n for n in moved) and any("gate" in n for n in moved)  # experts and router trained
+
+
+@pytest.mark.slow
+def test_zero2_and_zero3_agree(zero_runs):
+    _, _, _, out = zero_runs
+    (z2, p2), (z3, p3) = _result(out, 0, 0), _result(out, 1, 0)
+    for a, b in zip(z2["records"], z3["records"], strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5
+    for name, p in p2.items():
+        assert_close(p3[name], p, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_zero3_checkpoint_resumes_and_exports_a_consolidated_hf_model(zero_runs, torch_extensions_dir):
+    tmp, _, configs, out = zero_runs
+    full, params = _result(out, 1, 0)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(full["final_dir"])
+    for name, p in exported.named_parameters():  # the consolidated export holds the trained, gathered weights
+        assert torch.equal(p, params[f"model.{name}"]), name
+    ckpt = Path(configs[1]["output_dir"]) / "checkpoints" / "step-00000003"
+    assert (ckpt / "trainer_state.json").is_file() and (ckpt / "rank1.json").is_file()
+    resume = {**configs[1], "output_dir": str(tmp / "resumed"), "checkpoint": {"every": 3, "resume": str(ckpt)}}
+    (tmp / "again").mkdir()
+    out2 = _run(tmp / "again", torch_extensions_dir, [resume], nproc=2)
+    info, _ = _result(out2, 0, 0)
+    assert [(r["step"], r["loss"]) for r in info["records"]] == [(r["step"], r["loss"]) for r in full["records"][3:]]
+    resumed = transformers.AutoModelForCausalLM.from_pretrained(info["final_dir"])
+    for (name, p), q in zip(exported.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q), name
