@@ -1,11 +1,12 @@
 """myllm: model surgery for decoder-only LLMs.
 
-Importing myllm registers its blocks and (once the model package exists) the ``myllm`` model type with
-transformers' Auto classes; it changes nothing else in transformers.
+Importing myllm registers its blocks and the ``myllm`` model type with transformers' ``AutoConfig`` and
+``AutoModelForCausalLM``; it changes nothing else in transformers.
 """
 
 from myllm import blocks
+from myllm.models import MyLLMConfig, MyLLMForCausalLM
 
 __version__ = "0.1.0"
 
-__all__ = ["blocks", "__version__"]
+__all__ = ["MyLLMConfig", "MyLLMForCausalLM", "blocks", "__version__"]

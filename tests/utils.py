@@ -110,3 +110,34 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float = 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------- MyLLM
+TINY_MYLLM: dict[str, Any] = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+def tiny_myllm(*, seed: int = 0, **overrides: Any):
+    """A tiny randomly initialised ``MyLLMForCausalLM`` in float32 eval mode (norm weights and biases perturbed)."""
+    from myllm import MyLLMConfig, MyLLMForCausalLM
+
+    torch.manual_seed(seed)
+    model = MyLLMForCausalLM(MyLLMConfig(**{**TINY_MYLLM, **overrides}))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1)
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def left_pad_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only real tokens (what ``generate`` computes for left padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)

@@ -16,6 +16,7 @@ from myllm.blocks.registry import (
     get,
     register,
     specs,
+    unregister,
     validate,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "get",
     "register",
     "specs",
+    "unregister",
     "validate",
 ]

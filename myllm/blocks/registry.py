@@ -116,6 +116,14 @@ def register(
     return decorator
 
 
+def unregister(kind: str, name: str) -> BlockSpec:
+    """Remove and return the registration of ``(kind, name)`` (e.g. a block a test registered temporarily)."""
+    table = _check_kind(kind)
+    spec = get(kind, name)
+    del table[spec.name]
+    return spec
+
+
 def get(kind: str, name: str) -> BlockSpec:
     """The :class:`BlockSpec` of ``(kind, name)``; raises :class:`RegistryError` listing valid names."""
     table = _check_kind(kind)

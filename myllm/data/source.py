@@ -13,7 +13,9 @@ Each window is a dict of 1-D ``torch.long`` tensors of length ``T`` (``seq_len``
   the previous document's context);
 * ``position_ids [T]``: restart at 0 at every document start inside the window. transformers'
   ``create_causal_mask`` turns restarting positions (with no 2-D attention mask and no cache) into a
-  block-diagonal causal mask, so packed documents do not attend to each other;
+  block-diagonal causal mask, so packed documents do not attend to each other. HF models build a
+  ``DynamicCache`` whenever ``use_cache`` is on (also in training mode), which switches that detection off:
+  the training forward must pass ``use_cache=False`` (tests/data/test_windows.py checks both cases);
 * optionally ``attention_mask [T]`` (1 = real token) for padded (unpacked) windows.
 
 The training loop stacks windows into batches; a source built with ``rank`` / ``world_size`` yields only

@@ -119,3 +119,15 @@ def test_duplicate_registration_is_an_error():
 def test_register_requires_a_block_config():
     with pytest.raises(TypeError, match="BlockConfig"):
         register("ffn", "some_new_block", config=dict)  # type: ignore[arg-type]
+
+
+def test_unregister_removes_a_block_and_unknown_names_are_errors():
+    class Cfg(BlockConfig):
+        hidden_size: int
+
+    register("ffn", "temporary_block", config=Cfg)(nn.Identity)
+    assert "temporary_block" in blocks.available("ffn")
+    assert blocks.unregister("ffn", "temporary_block").builder is nn.Identity
+    assert "temporary_block" not in blocks.available("ffn")
+    with pytest.raises(blocks.RegistryError, match="available ffn blocks"):
+        blocks.unregister("ffn", "temporary_block")

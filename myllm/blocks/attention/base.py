@@ -6,13 +6,17 @@ attention module's state dict loads into it unchanged and the block can replace 
 layer. It also exposes the attributes transformers' attention functions read (``layer_idx``,
 ``num_key_value_groups``, ``scaling``, ``head_dim``, ``is_causal``).
 
-Subclasses differ only in :meth:`Attention.attend` (the kernel): ``eager`` and ``sdpa`` here, ``moba``
-elsewhere. Shapes: ``hidden_states [B, T, hidden_size] -> ([B, T, hidden_size], weights | None)``.
+Subclasses differ only in :meth:`Attention.attend` (the kernel): ``eager`` and ``sdpa`` here. Blocks registered
+with the same pydantic config class (here :class:`AttentionConfig`) are *kernel variants*: same constructor
+keywords, same parameters, so a model can switch between them without touching weights (this is what
+``MyLLMForCausalLM.set_attn_implementation`` does). Structurally different blocks (MoBA, MLA) register their own
+config class. Shapes: ``hidden_states [B, T, hidden_size] -> ([B, T, hidden_size], weights | None)``.
 """
 
 from __future__ import annotations
 
 import abc
+import json
 from typing import Any
 
 import torch
@@ -41,7 +45,6 @@ class AttentionConfig(BlockConfig):
     dropout: NonNegativeFloat = 0.0
     scaling: PositiveFloat | None = None  # None -> head_dim ** -0.5
     layer_idx: NonNegativeInt = 0
-    sliding_window: PositiveInt | None = None
     # RoPE, in transformers' ``rope_parameters`` format ({"rope_type": ..., "rope_theta": ..., ...});
     # used when the caller does not pass ``position_embeddings``.
     rope_parameters: dict[str, Any] | None = None
@@ -74,15 +77,34 @@ def rope_config(
     )
 
 
+def rope_signature(*, head_dim: int, rope_parameters: dict[str, Any] | None, max_position_embeddings: int) -> str:
+    """A string equal for two RoPE set-ups iff they compute the same ``(cos, sin)`` (host models compare it to
+    share one computation across layers)."""
+    params = dict(rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
+    params.setdefault("rope_type", "default")
+    return json.dumps([head_dim, max_position_embeddings, params], sort_keys=True, default=str)
+
+
 def _example() -> dict:
     return {"hidden_size": 32, "num_heads": 4, "num_kv_heads": 2}
 
 
 class Attention(nn.Module, abc.ABC):
-    """GQA self-attention; subclasses choose the kernel by overriding :meth:`attend`."""
+    """GQA self-attention; subclasses choose the kernel by overriding :meth:`attend`.
+
+    Capability attributes read by host models (never the block's name):
+
+    * ``mask_implementation``: the transformers attention implementation whose mask format the kernel prefers
+      (``"sdpa"``: 4-D bool or ``None``; ``"eager"``: 4-D float). Every kernel here accepts every form.
+    * ``supports_kv_cache``: the block reads and writes a transformers ``Cache``.
+    * :meth:`deepnorm_weights`: the value and output projections DeepNorm scales at initialisation.
+    * ``rope_signature``: equal to the host's :func:`rope_signature` iff the block can take the host's
+      ``position_embeddings``; otherwise the host passes none and the block applies its own RoPE.
+    """
 
     is_causal = True
     supports_kv_cache = True
+    mask_implementation = "sdpa"
 
     def __init__(
         self,
@@ -98,7 +120,6 @@ class Attention(nn.Module, abc.ABC):
         dropout: float = 0.0,
         scaling: float | None = None,
         layer_idx: int = 0,
-        sliding_window: int | None = None,
         rope_parameters: dict[str, Any] | None = None,
         max_position_embeddings: int = 4096,
     ) -> None:
@@ -112,23 +133,27 @@ class Attention(nn.Module, abc.ABC):
         self.scaling = scaling if scaling is not None else self.head_dim**-0.5
         self.attention_dropout = dropout
         self.layer_idx = layer_idx
-        self.sliding_window = sliding_window
         self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=o_bias)
+        self.qk_norm = qk_norm
         if qk_norm:
             self.q_norm = RMSNorm(hidden_size=self.head_dim, eps=norm_eps)
             self.k_norm = RMSNorm(hidden_size=self.head_dim, eps=norm_eps)
         else:
             self.q_norm = self.k_norm = nn.Identity()
-        self.rotary_emb = LlamaRotaryEmbedding(
-            rope_config(
-                head_dim=self.head_dim,
-                rope_parameters=rope_parameters,
-                max_position_embeddings=max_position_embeddings,
-            )
-        )
+        rope = {
+            "head_dim": self.head_dim,
+            "rope_parameters": rope_parameters,
+            "max_position_embeddings": max_position_embeddings,
+        }
+        self.rotary_emb = LlamaRotaryEmbedding(rope_config(**rope))
+        self.rope_signature = rope_signature(**rope)
+
+    def deepnorm_weights(self) -> list[torch.Tensor]:
+        """The weights DeepNet initialises with gain ``beta``: the value and output projections."""
+        return [self.v_proj.weight, self.o_proj.weight]
 
     @abc.abstractmethod
     def attend(
@@ -159,8 +184,11 @@ class Attention(nn.Module, abc.ABC):
         cache = cache if cache is not None else past_key_values
         bsz, q_len, _ = hidden_states.shape
         hidden_shape = (bsz, q_len, -1, self.head_dim)
-        query = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)  # (B, H, T, D)
-        key = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)  # (B, Hk, T, D)
+        query = self.q_proj(hidden_states).view(hidden_shape)  # (B, T, H, D)
+        key = self.k_proj(hidden_states).view(hidden_shape)  # (B, T, Hk, D)
+        if self.qk_norm:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)  # (B, H, T, D), (B, Hk, T, D)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hk, T, D)
 
         if position_embeddings is None:
@@ -181,7 +209,6 @@ class Attention(nn.Module, abc.ABC):
             attention_mask,
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
-            sliding_window=self.sliding_window,
             **kwargs,
         )
         out = out.reshape(bsz, q_len, -1).contiguous()  # (B, T, H*D)
@@ -191,6 +218,8 @@ class Attention(nn.Module, abc.ABC):
 @register("attention", "eager", config=AttentionConfig, example=_example)
 class EagerAttention(Attention):
     """GQA attention with the plain softmax kernel (returns attention weights)."""
+
+    mask_implementation = "eager"
 
     def attend(self, query, key, value, attention_mask, **kwargs):
         return eager_attention(self, query, key, value, attention_mask, **kwargs)

@@ -15,7 +15,9 @@ Hugging Face model receives the mask that model built for *its* attention implem
 * a 4-D bool mask ``[B or 1, 1, Tq, Tk]``, True = attend (``sdpa_mask``);
 * a 4-D float mask, 0 = attend and a large negative value = masked (``eager_mask``).
 
-Fully masked rows (a batch row that is all padding) give zeros, never NaN.
+Fully masked rows (a batch row that is all padding) never give NaN, in the forward or the backward pass:
+``eager_attention`` returns zeros for them; ``sdpa_attention`` returns zeros with a bool mask (PyTorch's
+SDPA uses a safe softmax) and a finite average of the values with an additive float mask.
 """
 
 from __future__ import annotations

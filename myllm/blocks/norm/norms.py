@@ -109,8 +109,13 @@ def deepnorm_init_(weights: list[torch.Tensor], *, beta: float, generator: torch
         weights: the FFN (gate/up/down), value and output projection weights of one layer, each ``[out, in]``
             (or fused ``[E, out, in]``, treated per expert).
         beta: ``(8N) ** -0.25`` for a decoder of ``N`` layers (``DeepNorm.init_beta``).
+
+    Weights that transformers flagged as already loaded (``_is_hf_initialized``) are left untouched, so the
+    initialisation can run inside a model's ``_init_weights`` without overwriting checkpoint weights.
     """
     for w in weights:
+        if getattr(w, "_is_hf_initialized", False):
+            continue
         mats = w.unsqueeze(0) if w.dim() == 2 else w.reshape(-1, *w.shape[-2:])
         for m in mats:
             fan_out, fan_in = m.shape

@@ -1,0 +1,146 @@
+"""Parity with real Hugging Face models: ``MyLLMForCausalLM.from_hf`` of Llama, Mistral, Qwen2 (q/k/v bias) and
+Qwen3 (q/k norm) gives the HF logits (max abs diff <= 1e-5, float32) and greedy continuations, in eager and sdpa,
+without and with a cache, with left padding; each check is paired with a perturbed weight it must detect.
+``to_hf`` exports back exactly, and refuses what the target cannot express."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from utils import left_pad_positions, max_abs_diff, tiny_hf_config, tiny_hf_model, tiny_myllm
+
+from myllm import MyLLMForCausalLM
+from myllm.models.convert import HF_CONVERTERS, HFConverter, get_hf_converter, register_hf_converter
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+# a weight whose change the parity checks must see, chosen where each architecture differs
+PERTURB = {
+    "llama": "model.layers.1.post_attention_layernorm.weight",
+    "mistral": "model.layers.0.mlp.up_proj.weight",
+    "qwen2": "model.layers.1.self_attn.k_proj.bias",
+    "qwen3": "model.layers.1.self_attn.k_norm.weight",
+}
+TOL = 1e-5
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 128, (2, 8), generator=g)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0  # left padding
+    return x, mask
+
+
+def _parity(hf, ours) -> dict[str, float]:
+    """Max abs logit difference in three settings (real tokens only where there is padding)."""
+    x, mask = _inputs()
+    pos = left_pad_positions(mask)
+    real = mask.bool()
+    with torch.no_grad():
+        full = max_abs_diff(ours(x).logits, hf(x).logits)
+        padded = max_abs_diff(
+            ours(x, attention_mask=mask, position_ids=pos).logits[real],
+            hf(x, attention_mask=mask, position_ids=pos).logits[real],
+        )
+        # incremental decoding: prefill 5 tokens, then one token at a time through the cache
+        c_ours = c_hf = None
+        cached = 0.0
+        for start, stop in [(0, 5), (5, 6), (6, 7), (7, 8)]:
+            kw = dict(attention_mask=mask[:, :stop], position_ids=pos[:, start:stop], use_cache=True)
+            a = ours(x[:, start:stop], cache=c_ours, **kw)
+            b = hf(x[:, start:stop], cache=c_hf, **kw)
+            c_ours, c_hf = a.cache, b.cache
+            rows = real[:, start:stop]
+            cached = max(cached, max_abs_diff(a.logits[rows], b.logits[rows]))
+    return {"full": full, "left padding": padded, "cache": cached}
+
+
+@pytest.fixture(params=[(a, i) for a in ARCHS for i in ("eager", "sdpa")], ids=lambda p: f"{p[0]}-{p[1]}")
+def pair(request):
+    arch, impl = request.param
+    hf = tiny_hf_model(arch, attn_implementation=impl)
+    return arch, impl, hf, MyLLMForCausalLM.from_hf(hf)
+
+
+def test_imported_model_matches_hf_logits(pair):
+    arch, impl, hf, ours = pair
+    assert ours.config._attn_implementation == impl and ours.config.source_model_type == arch
+    assert ours.model.layers[0].self_attn.mask_implementation == impl or impl == "sdpa"
+    diffs = _parity(hf, ours)
+    assert max(diffs.values()) <= TOL, diffs
+
+
+def test_imported_model_parity_detects_a_perturbed_weight(pair):
+    arch, impl, hf, ours = pair
+    with torch.no_grad():
+        ours.get_parameter(PERTURB[arch]).view(-1)[1] += 0.05
+    diffs = _parity(hf, ours)
+    assert min(diffs.values()) > TOL, diffs
+
+
+def test_imported_model_gives_the_same_greedy_continuation(pair):
+    arch, impl, hf, ours = pair
+    x, mask = _inputs()
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    expected = hf.generate(x, **kw)
+    assert torch.equal(ours.generate(x, **kw), expected)
+    assert torch.equal(ours.generate(x, cache_implementation="static", **kw), expected)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_to_hf_exports_back_exactly(arch):
+    hf = tiny_hf_model(arch, tie_word_embeddings=arch == "qwen2")
+    ours = MyLLMForCausalLM.from_hf(hf)
+    back = ours.to_hf()
+    assert type(back) is type(hf)
+    assert back.config.tie_word_embeddings == hf.config.tie_word_embeddings
+    sd, ref = back.state_dict(), hf.state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+    x, _ = _inputs()
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, hf(x).logits)
+
+
+def test_to_hf_keeps_swapped_kernels_and_refuses_structural_changes():
+    hf = tiny_hf_model("qwen2")
+    ours = MyLLMForCausalLM.from_hf(hf)
+    ours.set_attn_implementation("eager")  # a kernel change: still exactly a Qwen2
+    assert ours.to_hf().config._attn_implementation == "eager"
+
+    changed = MyLLMForCausalLM.from_hf(hf)
+    changed.config.layer_overrides = {"1": {"ffn": {"name": "dense", "gated": False}}}
+    with pytest.raises(ValueError, match=r"cannot export to qwen2: layer 1 ffn is .*gated.*False"):
+        changed.to_hf()
+    with pytest.raises(ValueError, match=r"cannot export to llama: layer 0 attention"):
+        MyLLMForCausalLM.from_hf(tiny_hf_model("qwen3")).to_hf("llama")  # q/k norm cannot be expressed
+    deep = tiny_myllm(norm="deepnorm", source_model_type="llama")
+    with pytest.raises(ValueError, match="cannot export to llama: model norm"):
+        deep.to_hf()
+    with pytest.raises(ValueError, match="to_hf needs a model_type"):
+        tiny_myllm().to_hf()
+
+
+def test_import_errors_are_clear():
+    with pytest.raises(ValueError, match=r"no MyLLM converter for model_type 'qwen2_moe'; supported: .*llama.*qwen3"):
+        MyLLMForCausalLM.from_hf(tiny_hf_model("qwen2_moe"))
+    with pytest.raises(ValueError, match="sliding-window attention"):
+        get_hf_converter("mistral").config_to_myllm(tiny_hf_config("mistral", sliding_window=4))
+    with pytest.raises(ValueError, match="already registered"):
+        register_hf_converter("llama", HF_CONVERTERS["llama"])
+
+
+def test_the_converter_table_can_be_extended():
+    """Another module adds an architecture by registering a converter (here: llama under another name)."""
+    base = HF_CONVERTERS["llama"]
+    register_hf_converter("test_llama_alias", copy.copy(base))
+    try:
+        hf = tiny_hf_model("llama")
+        hf.config.model_type = "test_llama_alias"
+        ours = MyLLMForCausalLM.from_hf(hf)
+        assert ours.config.source_model_type == "test_llama_alias"
+        assert isinstance(HF_CONVERTERS["test_llama_alias"], HFConverter)
+        assert type(ours.to_hf()).__name__ == "LlamaForCausalLM"
+    finally:
+        HF_CONVERTERS.pop("test_llama_alias")
