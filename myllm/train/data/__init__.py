@@ -13,13 +13,13 @@ from typing import Any
 from myllm.data.source import WindowSource
 from myllm.train.data.chat import encode_chat, resolve_template
 from myllm.train.data.jsonl import read_conversations, read_texts
-from myllm.train.data.sources import IGNORE, Example, PackedSource, PaddedSource, collate
+from myllm.train.data.sources import IGNORE, Example, PackedExamples, PaddedExamples, collate
 
 __all__ = [
     "IGNORE",
     "Example",
-    "PackedSource",
-    "PaddedSource",
+    "PackedExamples",
+    "PaddedExamples",
     "build_source",
     "collate",
     "pad_id",
@@ -67,8 +67,8 @@ def _jsonl_source(cfg: Any, tokenizer: Any, *, rank: int, world_size: int, seed:
             raise ValueError(f"empty dataset: no conversation has an assistant token within seq_len={data.seq_len}")
     common = dict(seq_len=data.seq_len, seed=seed, shuffle=data.shuffle, rank=rank, world_size=world_size)
     if cfg.packing:
-        return PackedSource(examples, pad_id=pad_id(tokenizer), **common)
-    return PaddedSource(examples, **common)
+        return PackedExamples(examples, pad_id=pad_id(tokenizer), **common)
+    return PaddedExamples(examples, **common)
 
 
 # data.kind -> builder(run_config, tokenizer, rank=, world_size=, seed=) -> WindowSource

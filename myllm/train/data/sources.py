@@ -1,14 +1,17 @@
-"""In-memory window sources (``myllm.data.source.WindowSource``) and the batch collator.
+"""In-memory window sources (``myllm.data.source.WindowSource``) over tokenised examples, and the batch collator.
+
+For corpora larger than memory use tokenised shards (``myllm.data.ShardSource``, ``data.kind: shards``); these
+sources serve small JSONL data, chat data with per-token targets, and padded (unpacked) batches.
 
 An *example* is a pair ``(input_ids, labels)`` of equal-length integer lists; labels are unshifted targets with
 ``-100`` where no loss is taken. Two ways to turn examples into windows:
 
-* :class:`PackedSource`: examples concatenated into one stream cut into ``seq_len`` windows. Position ids restart
-  at every document start (and at the window start), and the first token of every document gets label ``-100``,
-  so with no attention mask transformers' ``create_causal_mask`` builds a block-diagonal causal mask and no
-  document is predicted from another's context. A short last window is filled with padding (label ``-100``,
+* :class:`PackedExamples`: examples concatenated into one stream cut into ``seq_len`` windows. Position ids restart
+  at every document start (and at the window start), and the first token of every document gets label ``-100``
+  (``myllm.data.packing.pack_arrays``, the shard reader's window format), so with no attention mask transformers'
+  ``create_causal_mask`` builds a block-diagonal causal mask and no document is predicted from another's context. A short last window is filled with padding (label ``-100``,
   its own position run).
-* :class:`PaddedSource`: one example per window, truncated to ``seq_len`` and *not* padded; :func:`collate` pads a
+* :class:`PaddedExamples`: one example per window, truncated to ``seq_len`` and *not* padded; :func:`collate` pads a
   batch to its longest window (right padding, ``attention_mask`` 0, label ``-100``).
 
 Both shuffle deterministically per epoch (seed, epoch), give each data-parallel rank a disjoint equal share, and
@@ -25,9 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from myllm.data.packing import IGNORE_INDEX, pack_arrays
 from myllm.data.source import Window
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX
 Example = tuple[Sequence[int], Sequence[int]]
 
 
@@ -81,7 +85,7 @@ class _EpochSource(ABC):
         """The window of item ``i`` (an index into the whole dataset, not this rank's share)."""
 
 
-class PackedSource(_EpochSource):
+class PackedExamples(_EpochSource):
     """Examples packed back to back into ``seq_len`` windows (see the module docstring)."""
 
     def __init__(
@@ -99,35 +103,30 @@ class PackedSource(_EpochSource):
             raise ValueError("empty dataset: no examples to pack")
         order = np.random.default_rng(seed).permutation(len(examples)) if shuffle else np.arange(len(examples))
         ids = [np.asarray(examples[i][0], dtype=np.int64) for i in order]
-        labels = [np.asarray(examples[i][1], dtype=np.int64).copy() for i in order]
-        starts = [np.zeros(len(x), dtype=bool) for x in ids]
-        for lab, st in zip(labels, starts, strict=True):
-            lab[0], st[0] = IGNORE, True  # never predict a document's first token from the previous document
-        total = sum(len(x) for x in ids)
+        labels = [np.asarray(examples[i][1], dtype=np.int64) for i in order]
+        lengths = np.array([len(x) for x in ids], dtype=np.int64)
+        total = int(lengths.sum())
         n_windows = -(-total // seq_len)
         fill = n_windows * seq_len - total
-        if fill:
+        if fill:  # the padding run is one more "document" whose targets are all ignored
             ids.append(np.full(fill, pad_id, dtype=np.int64))
             labels.append(np.full(fill, IGNORE, dtype=np.int64))
-            starts.append(np.eye(1, fill, dtype=bool)[0])
-        self._ids, self._labels, self._starts = np.concatenate(ids), np.concatenate(labels), np.concatenate(starts)
+            lengths = np.append(lengths, fill)
+        self._ids, self._labels = np.concatenate(ids), np.concatenate(labels)
+        self._doc_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])  # sorted stream offsets
         self.seq_len = seq_len
         super().__init__(n_windows, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size)
 
     def _window(self, i: int) -> Window:
-        sl = slice(i * self.seq_len, (i + 1) * self.seq_len)
-        starts = self._starts[sl].copy()
-        starts[0] = True
-        t = np.arange(self.seq_len)
-        positions = t - np.maximum.accumulate(np.where(starts, t, 0))
-        return {
-            "input_ids": torch.from_numpy(self._ids[sl].copy()),
-            "labels": torch.from_numpy(self._labels[sl].copy()),
-            "position_ids": torch.from_numpy(positions),
-        }
+        start, stop = i * self.seq_len, (i + 1) * self.seq_len
+        lo, hi = np.searchsorted(self._doc_starts, [start, stop])
+        packed = pack_arrays(self._ids[start:stop], self._doc_starts[lo:hi] - start)
+        # the example's own targets (SFT masks), and -100 wherever packing masks a document start
+        packed["labels"] = np.where(packed["labels"] == IGNORE, IGNORE, self._labels[start:stop])
+        return {k: torch.from_numpy(v) for k, v in packed.items()}
 
 
-class PaddedSource(_EpochSource):
+class PaddedExamples(_EpochSource):
     """One example per window, truncated to ``seq_len``; :func:`collate` pads each batch."""
 
     def __init__(

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from utils import assert_close, max_abs_diff, tiny_hf_model
 
 from myllm.data.source import WindowSource
-from myllm.train.data import IGNORE, PackedSource, PaddedSource, collate
+from myllm.train.data import IGNORE, PackedExamples, PaddedExamples, collate
 
 DOCS = [([5, 6, 7, 2], [5, 6, 7, 2]), ([8, 9, 2], [8, 9, 2]), ([10, 11, 12, 13, 2], [10, 11, 12, 13, 2])]
 
@@ -21,12 +21,12 @@ def _take(source, n):
 
 
 def test_sources_satisfy_the_window_source_protocol():
-    assert isinstance(PackedSource(DOCS, seq_len=4, pad_id=0), WindowSource)
-    assert isinstance(PaddedSource(DOCS, seq_len=4), WindowSource)
+    assert isinstance(PackedExamples(DOCS, seq_len=4, pad_id=0), WindowSource)
+    assert isinstance(PaddedExamples(DOCS, seq_len=4), WindowSource)
 
 
 def test_packing_concatenates_documents_restarts_positions_and_masks_document_starts():
-    src = PackedSource(DOCS, seq_len=5, pad_id=0, shuffle=False)
+    src = PackedExamples(DOCS, seq_len=5, pad_id=0, shuffle=False)
     windows = _take(src, len(src))
     assert len(src) == 3 and all(len(w["input_ids"]) == 5 for w in windows)
     stream = torch.cat([w["input_ids"] for w in windows]).tolist()
@@ -35,7 +35,8 @@ def test_packing_concatenates_documents_restarts_positions_and_masks_document_st
     # doc starts at 0, 4, 7; window starts at 0, 5, 10; padding run at 12
     assert pos == [0, 1, 2, 3, 0, 0, 1, 0, 1, 2, 0, 1, 0, 1, 2]
     labels = torch.cat([w["labels"] for w in windows]).tolist()
-    assert labels == [IGNORE, 6, 7, 2, IGNORE, 9, 2, IGNORE, 11, 12, 13, 2, IGNORE, IGNORE, IGNORE]
+    # -100 at document starts after a window's first position (position 0 is never a target: the model shifts)
+    assert labels == [5, 6, 7, 2, IGNORE, 9, 2, IGNORE, 11, 12, 13, 2, IGNORE, IGNORE, IGNORE]
     assert "attention_mask" not in collate(windows, pad_id=0)
 
 
@@ -45,7 +46,7 @@ def test_packed_documents_do_not_attend_to_each_other(attn):
 
     (With ``use_cache=False``, as the training loop calls the model: a cache turns packed-mask detection off.)"""
     model = tiny_hf_model("llama", attn_implementation=attn, vocab_size=32)
-    src = PackedSource(DOCS, seq_len=12, pad_id=0, shuffle=False)
+    src = PackedExamples(DOCS, seq_len=12, pad_id=0, shuffle=False)
     batch = collate(_take(src, 1), pad_id=0)
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
@@ -61,7 +62,7 @@ def test_packed_documents_do_not_attend_to_each_other(attn):
 
 def test_padded_batches_pad_after_batching_and_match_unpadded_logits():
     model = tiny_hf_model("qwen2", vocab_size=32)
-    src = PaddedSource(DOCS, seq_len=4, shuffle=False)
+    src = PaddedExamples(DOCS, seq_len=4, shuffle=False)
     windows = _take(src, 3)
     assert [len(w["input_ids"]) for w in windows] == [4, 3, 4]  # truncated to seq_len, not padded yet
     batch = collate(windows, pad_id=0)
@@ -80,17 +81,17 @@ def _corpus(n=23):
 
 def test_ranks_get_disjoint_equal_shares_and_epochs_reshuffle():
     ex = _corpus()
-    shares = [PaddedSource(ex, seq_len=8, seed=3, rank=r, world_size=2) for r in range(2)]
+    shares = [PaddedExamples(ex, seq_len=8, seed=3, rank=r, world_size=2) for r in range(2)]
     firsts = [[w["input_ids"][0].item() for w in _take(s, len(s))] for s in shares]
     assert len(firsts[0]) == len(firsts[1]) == 11
     assert not set(firsts[0]) & set(firsts[1])
-    one = PaddedSource(ex, seq_len=8, seed=3)
+    one = PaddedExamples(ex, seq_len=8, seed=3)
     epochs = [w["input_ids"][0].item() for w in _take(one, 2 * len(one))]
     assert sorted(epochs[:23]) == sorted(epochs[23:]) and epochs[:23] != epochs[23:]
-    again = PaddedSource(ex, seq_len=8, seed=3)
+    again = PaddedExamples(ex, seq_len=8, seed=3)
     assert [w["input_ids"][0].item() for w in _take(again, 23)] == epochs[:23]
     with pytest.raises(ValueError, match="fewer than the 4 data-parallel ranks"):
-        PaddedSource(ex[:3], seq_len=8, world_size=4)
+        PaddedExamples(ex[:3], seq_len=8, world_size=4)
 
 
 @settings(max_examples=25, deadline=None)
@@ -98,8 +99,8 @@ def test_ranks_get_disjoint_equal_shares_and_epochs_reshuffle():
 def test_resume_continues_with_exactly_the_same_windows(k, packed, world):
     def make(rank):
         if packed:
-            return PackedSource(_corpus(), seq_len=5, pad_id=0, seed=7, rank=rank, world_size=world)
-        return PaddedSource(_corpus(), seq_len=5, seed=7, rank=rank, world_size=world)
+            return PackedExamples(_corpus(), seq_len=5, pad_id=0, seed=7, rank=rank, world_size=world)
+        return PaddedExamples(_corpus(), seq_len=5, seed=7, rank=rank, world_size=world)
 
     src = make(world - 1)
     it = iter(src)
@@ -115,7 +116,7 @@ def test_resume_continues_with_exactly_the_same_windows(k, packed, world):
 
 
 def test_position_of_another_dataset_is_refused():
-    src = PackedSource(_corpus(), seq_len=5, pad_id=0)
+    src = PackedExamples(_corpus(), seq_len=5, pad_id=0)
     state = src.state_dict()
     with pytest.raises(ValueError, match="data or seq_len changed"):
-        PackedSource(_corpus(), seq_len=6, pad_id=0).load_state_dict(state)
+        PackedExamples(_corpus(), seq_len=6, pad_id=0).load_state_dict(state)
