@@ -58,16 +58,22 @@ class ModelSpec(_Section):
 
 
 class DataSpec(_Section):
-    """Training data. ``kind: jsonl`` reads small corpora into memory (``myllm.train.data``).
+    """Training data.
 
-    ``format``: ``text`` (JSONL ``{"text": ...}``) or ``chat`` (JSONL ``{"conversations": [{"role", "content"},
-    ...]}``); defaults from the objective (pretrain: text, sft: chat, distill: text). ``packing`` concatenates
-    documents into ``seq_len`` windows (EOS-separated, positions restarting per document); without it every
-    document is one example, truncated to ``seq_len`` and padded per batch. Default: packed text, padded chat.
+    ``kind: jsonl`` reads small corpora into memory (``myllm.train.data``); ``format``: ``text`` (JSONL
+    ``{"text": ...}``) or ``chat`` (JSONL ``{"conversations": [{"role", "content"}, ...]}``), by default from the
+    objective (pretrain: text, sft: chat, distill: text). ``packing`` concatenates documents into ``seq_len``
+    windows (EOS-separated, positions restarting per document); without it every document is one example,
+    truncated to ``seq_len`` and padded per batch. Default: packed text, padded chat.
+
+    ``kind: shards`` streams tokenised shard directories written by ``myllm data tokenize`` (any size; always
+    packed text): ``path`` is one directory, a list, or a mapping ``{directory: weight}`` for a mixture (e.g.
+    ``{web: 0.7, code: 0.3}``); ``num_workers`` DataLoader processes build windows ahead. The shards' tokenizer
+    fingerprint must match the model's tokenizer.
     """
 
-    kind: Literal["jsonl"] = "jsonl"
-    path: str | list[str]
+    kind: Literal["jsonl", "shards"] = "jsonl"
+    path: str | list[str] | dict[str, float]
     format: Literal["text", "chat"] | None = None
     text_field: str = "text"
     messages_field: str = "conversations"
@@ -75,9 +81,22 @@ class DataSpec(_Section):
     seq_len: int = Field(512, ge=2)
     packing: bool | None = None
     shuffle: bool = True
+    num_workers: int = Field(0, ge=0, description="shards: DataLoader worker processes")
+
+    @model_validator(mode="after")
+    def _kind_options(self) -> DataSpec:
+        if self.kind == "jsonl" and isinstance(self.path, dict):
+            raise ValueError("a {path: weight} mixture needs data.kind: shards")
+        if self.kind == "shards" and (self.format == "chat" or self.packing is False):
+            raise ValueError("data.kind: shards holds packed text; use kind: jsonl for chat or padded data")
+        if self.kind == "jsonl" and self.num_workers:
+            raise ValueError("data.num_workers is only used by data.kind: shards")
+        return self
 
     def paths(self) -> list[str]:
-        return [self.path] if isinstance(self.path, str) else list(self.path)
+        if isinstance(self.path, str):
+            return [self.path]
+        return list(self.path)
 
 
 class PretrainObjective(_Section):
@@ -249,6 +268,8 @@ class RunConfig(_Section):
         fmt = self.data.format or _DEFAULT_FORMAT[kind]
         if kind == "sft" and fmt != "chat":
             raise ValueError("objective sft trains on chat data: data.format must be `chat`")
+        if kind == "sft" and self.data.kind == "shards":
+            raise ValueError("objective sft needs chat data (data.kind: jsonl); shards hold packed text")
         if kind == "pretrain" and fmt != "text":
             raise ValueError("objective pretrain trains on text data: data.format must be `text` (use sft for chat)")
         if self.model.tokenizer_path() is None:
@@ -289,7 +310,9 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         if not isinstance(section, dict) or section.get(key) is None:
             return
         value = section[key]
-        if isinstance(value, list):
+        if isinstance(value, dict):  # a {path: weight} mixture
+            section[key] = {str(base / k): v for k, v in value.items()}
+        elif isinstance(value, list):
             section[key] = [str(base / v) if isinstance(v, str) else v for v in value]
         elif isinstance(value, str):
             section[key] = str(base / value)

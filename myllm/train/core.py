@@ -27,6 +27,7 @@ import torch
 import transformers
 from torch import nn
 
+from myllm.data import WindowSource, load_tokenizer
 from myllm.train import checkpoint as ckpt_io
 from myllm.train.config import RunConfig, load_config
 from myllm.train.data import build_source, collate, pad_id
@@ -34,7 +35,7 @@ from myllm.train.engines import build_engine
 from myllm.train.lora import apply_lora, lora_config, save_lora
 from myllm.train.losses import IGNORE
 from myllm.train.metrics import MetricsWriter, Progress
-from myllm.train.modeling import check_teacher, fingerprint, load_model, load_tokenizer, vocab_size
+from myllm.train.modeling import check_teacher, fingerprint, load_model, vocab_size
 from myllm.train.objectives import Batch, CausalLM, Distill, Objective, StepCounts
 
 Callback = Callable[["Trainer"], None]
@@ -81,9 +82,18 @@ def _build_objective(cfg: RunConfig, teacher: nn.Module | None) -> Objective:
 
 
 class Trainer:
-    """Builds and validates everything for one run, then trains it (see the module docstring)."""
+    """Builds and validates everything for one run, then trains it (see the module docstring).
 
-    def __init__(self, cfg: RunConfig, *, callbacks: Sequence[Callback] = ()) -> None:
+    Args:
+        cfg: the run.
+        callbacks: called as ``callback(trainer)`` after every optimizer step.
+        source: a ready :class:`~myllm.data.source.WindowSource` (e.g. ``myllm.data.source_from_dataset`` for a
+            ``datasets.Dataset``) used instead of ``cfg.data``'s files; it must serve this process's rank.
+    """
+
+    def __init__(
+        self, cfg: RunConfig, *, callbacks: Sequence[Callback] = (), source: WindowSource | None = None
+    ) -> None:
         self.cfg, self.callbacks = cfg, list(callbacks)
         self.output_dir = Path(cfg.output_dir)
         self.ckpt_root = self.output_dir / "checkpoints"
@@ -94,7 +104,11 @@ class Trainer:
         # cheap checks first: tokenizer and data
         self.tokenizer = load_tokenizer(cfg.model.tokenizer_path())
         self.pad_id = pad_id(self.tokenizer)
-        self.source = build_source(cfg, self.tokenizer, rank=self.rank, world_size=self.world_size)
+        if source is not None and not isinstance(source, WindowSource):
+            raise TypeError("source must implement WindowSource (seq_len, __iter__, state_dict, load_state_dict)")
+        if source is None:
+            source = build_source(cfg, self.tokenizer, rank=self.rank, world_size=self.world_size)
+        self.source = source
 
         # models: the teacher before ZeRO-3's partitioned loading applies to what follows
         distill = cfg.objective.kind == "distill"

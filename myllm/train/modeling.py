@@ -17,14 +17,8 @@ import transformers
 from torch import nn
 
 import myllm  # noqa: F401  (registers myllm's model types with the Auto classes)
+from myllm.data import load_tokenizer
 from myllm.train.config import ModelSpec
-
-
-def load_tokenizer(path: str) -> Any:
-    """A tokenizer from a local directory (``AutoTokenizer``; never remote code)."""
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"tokenizer directory not found: {path}")
-    return transformers.AutoTokenizer.from_pretrained(path)
 
 
 def load_model(spec: ModelSpec, *, seed: int, attn_implementation: str | None = None) -> transformers.PreTrainedModel:

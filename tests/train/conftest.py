@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import tiny_hf_model  # noqa: E402
 
+from myllm.data import train_tokenizer  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 320  # 256 byte symbols + ChatML specials + a few merges
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 WORDS = (
     "the a model learns to predict next token from context small data tiny test loss goes down when training "
@@ -47,18 +47,9 @@ def make_conversations(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
     return convs
 
 
-def build_tokenizer(path: Path, vocab_size: int = VOCAB) -> transformers.PreTrainedTokenizerBase:
-    """A tiny byte-level BPE (``tokenizers``) with ChatML specials, saved as an HF tokenizer directory."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(make_texts(200, seed=1), trainer)
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    hf.save_pretrained(path)
-    return hf
+def build_tokenizer(path: Path, vocab_size: int = VOCAB, seed: int = 1) -> transformers.PreTrainedTokenizerBase:
+    """A tiny byte-level BPE with ChatML specials and chat template, by the project's tokenizer trainer."""
+    return train_tokenizer(make_texts(200, seed=seed), path, vocab_size=vocab_size, min_frequency=1)
 
 
 def write_jsonl(path: Path, records: list[Any]) -> Path:

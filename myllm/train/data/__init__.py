@@ -71,8 +71,26 @@ def _jsonl_source(cfg: Any, tokenizer: Any, *, rank: int, world_size: int, seed:
     return PaddedExamples(examples, **common)
 
 
+def _shard_source(cfg: Any, tokenizer: Any, *, rank: int, world_size: int, seed: int) -> WindowSource:
+    from myllm.data import ShardSource
+
+    data = cfg.data
+    paths = dict(data.path) if isinstance(data.path, dict) else data.paths()
+    return ShardSource(
+        paths,
+        data.seq_len,
+        tokenizer=tokenizer,  # the shards' tokenizer fingerprint must match (checked before training)
+        vocab_size=len(tokenizer),
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        shuffle=data.shuffle,
+        num_workers=data.num_workers,
+    )
+
+
 # data.kind -> builder(run_config, tokenizer, rank=, world_size=, seed=) -> WindowSource
-SOURCES: dict[str, Callable[..., WindowSource]] = {"jsonl": _jsonl_source}
+SOURCES: dict[str, Callable[..., WindowSource]] = {"jsonl": _jsonl_source, "shards": _shard_source}
 
 
 def build_source(cfg: Any, tokenizer: Any, *, rank: int = 0, world_size: int = 1) -> WindowSource:

@@ -18,7 +18,9 @@ def tok(tokenizer_dir):
     return transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
-def test_default_template_is_chatml(tok):
+def test_default_template_is_chatml(tokenizer_dir):
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = None  # a tokenizer without a template of its own gets ChatML
     conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the model"}]
     tpl = resolve_template(tok, None)
     assert tpl == CHATML_TEMPLATE
