@@ -68,9 +68,10 @@ def test_wsd_schedule_warms_up_holds_and_decays(tmp_path, llama_dir, tokenizer_d
     assert lrs[8:] == pytest.approx([1e-3 * (1 - k / 4) for k in range(4)])
 
 
-def test_inline_model_config_is_built_from_the_seed(tmp_path, tokenizer_dir, text_data):
+@pytest.mark.parametrize("model_type", ["qwen2", "myllm"])
+def test_inline_model_config_is_built_from_the_seed(tmp_path, tokenizer_dir, text_data, model_type):
     inline = {
-        "model_type": "qwen2",
+        "model_type": model_type,
         "vocab_size": 320,
         "hidden_size": 32,
         "intermediate_size": 64,
@@ -83,10 +84,15 @@ def test_inline_model_config_is_built_from_the_seed(tmp_path, tokenizer_dir, tex
     a = Trainer(parse_config(raw))
     raw["output_dir"] = str(tmp_path / "again")
     b = Trainer(parse_config(raw))
-    assert a.module.model.config.model_type == "qwen2"
+    assert a.module.model.config.model_type == model_type
     for p, q in zip(a.module.parameters(), b.module.parameters(), strict=True):
         assert torch.equal(p, q)
     assert a.fit()[-1]["loss"] == b.fit()[-1]["loss"]
+    final = a.export().final_dir
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(final)
+    ids = torch.randint(0, 300, (1, 7))
+    with torch.no_grad():
+        assert_close(loaded(input_ids=ids).logits, a.module.model.eval()(input_ids=ids).logits, atol=1e-6)
 
 
 def test_bad_data_is_reported_before_training(tmp_path, llama_dir, tokenizer_dir):
