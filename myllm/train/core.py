@@ -197,18 +197,28 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- loop
     def _next_batch(self) -> Batch:
-        windows = [next(self._windows) for _ in range(self.cfg.train.micro_batch_size)]
-        return {k: v.to(self.engine.device, non_blocking=True) for k, v in collate(windows, self.pad_id).items()}
+        """The next micro-batch, collated on the CPU."""
+        return collate([next(self._windows) for _ in range(self.cfg.train.micro_batch_size)], self.pad_id)
 
-    def _counts(self, micro: list[Batch]) -> StepCounts:
-        items = sum((b["labels"][:, 1:] != IGNORE).sum() for b in micro)
+    def _counts(self, micro: list[Batch]) -> tuple[StepCounts, int]:
+        """The step's normalisers from its CPU micro-batches (all-reduced over ranks), and its real-token count.
+
+        Counting on the CPU keeps a one-process step free of device synchronisation.
+        """
+        items = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
         tokens = sum(
-            b["attention_mask"].sum() if "attention_mask" in b else b["input_ids"].new_tensor(b["input_ids"].numel())
-            for b in micro
+            int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro
         )
-        both = self.engine.all_reduce_sum(torch.stack([items, tokens]).float())
-        both = both.clamp_min(1.0) / self.world_size  # an all-ignored step trains on nothing instead of NaN
-        return StepCounts(items=both[0], tokens=both[1], micro_batches=len(micro))
+        if self.world_size > 1:
+            local = torch.tensor([items, tokens], dtype=torch.float64, device=self.engine.device)
+            items, tokens = (int(v) for v in self.engine.all_reduce_sum(local).tolist())
+        # an all-ignored step trains on nothing instead of dividing by zero
+        norm = torch.tensor([max(items, 1), max(tokens, 1)], dtype=torch.float32) / self.world_size
+        norm = norm.to(self.engine.device, non_blocking=True)
+        return StepCounts(items=norm[0], tokens=norm[1], micro_batches=len(micro)), tokens
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
 
     def _log_record(
         self,
@@ -221,8 +231,9 @@ class Trainer:
     ) -> dict[str, Any]:
         names = sorted(metrics)
         vals = self.engine.all_reduce_sum(torch.stack([loss, *[metrics[n] for n in names]]).float()) / self.world_size
-        record = {"step": self.step, "loss": vals[0].item()}
-        record.update({n: v.item() for n, v in zip(names, vals[1:], strict=True)})
+        vals = vals.tolist()  # one device synchronisation per logged step
+        record = {"step": self.step, "loss": vals[0]}
+        record.update(zip(names, vals[1:], strict=True))
         record.update(
             lr=lr,
             grad_norm=None if grad_norm is None else float(grad_norm),
@@ -235,7 +246,8 @@ class Trainer:
         """One optimizer step; returns the logged record on logging steps, else ``None``."""
         t0 = time.perf_counter()
         micro = [self._next_batch() for _ in range(self.cfg.train.grad_accum)]
-        counts = self._counts(micro)
+        counts, step_tokens = self._counts(micro)
+        micro = [self._to_device(b) for b in micro]
         lr = self.engine.lr()
         loss_sum: torch.Tensor | float = 0.0
         metric_sums: dict[str, torch.Tensor] = {}
@@ -247,7 +259,6 @@ class Trainer:
                 metric_sums[k] = metric_sums.get(k, 0.0) + v
         grad_norm = self.engine.step()
         self.step += 1
-        step_tokens = int(round(counts.tokens.item() * self.world_size))
         self.tokens += step_tokens
         record = None
         if self.step % self.cfg.logging.every == 0 or self.step == self.cfg.train.max_steps:

@@ -27,7 +27,7 @@ def _trainer(tmp_path, model_dir, tokenizer_dir, chat_data, micro, accum, **extr
 
 def _grads_of_one_step(trainer):
     micro = [trainer._next_batch() for _ in range(trainer.cfg.train.grad_accum)]
-    counts = trainer._counts(micro)
+    counts, _ = trainer._counts(micro)
     total = 0.0
     for batch in micro:
         loss, _ = trainer.engine.forward(batch, counts)
@@ -72,7 +72,7 @@ def test_moe_aux_loss_is_included_once_per_step(tmp_path, tokenizer_dir, chat_da
     moe_dir = save_tiny_model(tmp_path / "moe", "qwen2_moe", router_aux_loss_coef=0.1)
     trainer = _trainer(tmp_path, moe_dir, tokenizer_dir, chat_data, micro=1, accum=2)
     micro = [trainer._next_batch() for _ in range(2)]
-    counts = trainer._counts(micro)
+    counts, _ = trainer._counts(micro)
     model = trainer.module.model
     losses, auxes = [], []
     for batch in micro:

@@ -37,7 +37,7 @@ def test_logit_kd_loss_is_the_mix_of_ce_and_kd(tmp_path, llama_dir, tokenizer_di
     )
     trainer = Trainer(cfg)
     batch = trainer._next_batch()
-    counts = trainer._counts([batch])
+    counts, _ = trainer._counts([batch])
     loss, metrics = trainer.engine.forward(batch, counts)
     inputs = {k: batch[k] for k in ("input_ids", "position_ids")}
     with torch.no_grad():
@@ -72,7 +72,7 @@ def test_intermediate_layer_terms_train_their_projection(tmp_path, llama_dir, to
     assert projections["hidden_proj_0.weight"].shape == (48, 32)
     batch = trainer._next_batch()
     assert "attention_mask" in batch  # padded chat batches: padding is excluded from the feature losses
-    counts = trainer._counts([batch])
+    counts, _ = trainer._counts([batch])
     loss, metrics = trainer.engine.forward(batch, counts)
     expected = 0.5 * metrics["ce"] + 0.5 * metrics["kd"] + 2.0 * metrics["hidden"] + 0.7 * metrics["attn"]
     assert_close(loss.detach(), expected, atol=1e-6)
