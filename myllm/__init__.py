@@ -1,12 +1,13 @@
 """myllm: model surgery for decoder-only LLMs.
 
-Importing myllm registers its blocks and the ``myllm`` model type with transformers' ``AutoConfig`` and
-``AutoModelForCausalLM``; it changes nothing else in transformers.
+Importing myllm registers its blocks, the ``myllm`` model type and the ``myllm_<base>`` types of surgically
+changed HF models (``myllm_llama``, ...) with transformers' ``AutoConfig`` and ``AutoModelForCausalLM``; it
+changes nothing else in transformers.
 """
-
-from myllm import blocks
-from myllm.models import MyLLMConfig, MyLLMForCausalLM
 
 __version__ = "0.1.0"
 
-__all__ = ["MyLLMConfig", "MyLLMForCausalLM", "blocks", "__version__"]
+from myllm import blocks, factory, surgery  # noqa: E402
+from myllm.models import MyLLMConfig, MyLLMForCausalLM  # noqa: E402
+
+__all__ = ["MyLLMConfig", "MyLLMForCausalLM", "blocks", "factory", "surgery", "__version__"]

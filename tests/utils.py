@@ -112,6 +112,37 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().double() - b.detach().double()).abs().max().item()
 
 
+# --- model surgery helpers (factory / surgery tests) ---------------------------------------------------------
+
+
+def model_snapshot(model: torch.nn.Module) -> dict[str, Any]:
+    """Everything a failed surgery must leave untouched: module objects by path, classes, tensors, config."""
+    return {
+        "modules": {name: (id(m), type(m)) for name, m in model.named_modules()},
+        "params": {name: id(p) for name, p in model.named_parameters()},
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "class": type(model),
+        "config_class": type(model.config),
+        "config": model.config.to_json_string(use_diff=False),
+    }
+
+
+def assert_unchanged(model: torch.nn.Module, snap: dict[str, Any]) -> None:
+    """The model is exactly as in ``snap``: same objects at the same paths, bit-identical state, same config."""
+    now = model_snapshot(model)
+    assert now["class"] is snap["class"] and now["config_class"] is snap["config_class"]
+    assert now["modules"] == snap["modules"], "module structure changed"
+    assert now["params"] == snap["params"], "parameter objects changed"
+    assert now["state"].keys() == snap["state"].keys(), "state-dict keys changed"
+    for k, v in snap["state"].items():
+        assert now["state"][k].dtype == v.dtype and torch.equal(now["state"][k], v), f"{k} changed"
+    assert now["config"] == snap["config"], "config changed"
+
+
+def tokens(batch: int = 2, length: int = 9, vocab: int = 128, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
 # ---------------------------------------------------------------------------------------------- MyLLM
 TINY_MYLLM: dict[str, Any] = dict(
     vocab_size=128,
