@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import run_config, save_tiny_model
+from train_helpers import run_config, save_tiny_model
 
 from myllm.train import Trainer, parse_config, read_metrics
 from myllm.train import checkpoint as ckpt_io

@@ -20,8 +20,8 @@ import pytest
 import torch
 import transformers
 import yaml
-from conftest import run_config, save_tiny_model, subprocess_env
 from safetensors.torch import load_file
+from train_helpers import run_config, save_tiny_model, subprocess_env
 from utils import assert_close
 
 WORKER = Path(__file__).with_name("ds_worker.py")

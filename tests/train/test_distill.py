@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tokenizer, run_config, save_tiny_model
+from train_helpers import build_tokenizer, run_config, save_tiny_model
 from utils import assert_close
 
 from myllm.train import Trainer, parse_config

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_config
+from train_helpers import run_config
 
 from myllm.train import Trainer, parse_config
 from myllm.train.engines.deepspeed_engine import build_ds_config

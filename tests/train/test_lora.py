@@ -6,7 +6,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import run_config, save_tiny_model
+from train_helpers import run_config, save_tiny_model
 from utils import assert_close
 
 from myllm.train import Trainer, parse_config

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import run_config, save_tiny_model, subprocess_env
+from train_helpers import run_config, save_tiny_model, subprocess_env
 
 from myllm.train import Trainer, parse_config, read_metrics
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 import yaml
-from conftest import run_config, save_tiny_model, subprocess_env, write_jsonl
+from train_helpers import run_config, save_tiny_model, subprocess_env, write_jsonl
 from utils import assert_close
 
 from myllm.cli import main as cli_main

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import transformers
-from conftest import make_conversations
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from train_helpers import make_conversations
 
 from myllm.train.data import IGNORE, chat_examples
 from myllm.train.data.chat import CHATML_TEMPLATE, encode_chat, render, resolve_template

@@ -4,7 +4,7 @@ WindowSource handed to the Trainer."""
 from __future__ import annotations
 
 import pytest
-from conftest import build_tokenizer, make_texts, run_config, write_jsonl
+from train_helpers import build_tokenizer, make_texts, run_config, write_jsonl
 
 from myllm.data import ShardError, tokenize_to_shards
 from myllm.train import Trainer, parse_config
