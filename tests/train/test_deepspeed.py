@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 import transformers
@@ -109,6 +110,7 @@ def test_zero0_matches_the_torch_engine(tmp_path, llama_dir, tokenizer_dir, text
 
 
 # ------------------------------------------------------------------------------------- two ranks, gloo, CPU
+LORA = {"r": 2, "target_modules": ["q_proj", "v_proj"], "target_parameters": ["mlp.experts.gate_up_proj"]}
 MOE_SECTIONS = dict(
     train={"max_steps": 5, "micro_batch_size": 2, "grad_accum": 1},
     schedule={"kind": "cosine", "warmup_steps": 1},
@@ -118,25 +120,27 @@ MOE_SECTIONS = dict(
 
 @pytest.fixture(scope="module")
 def zero_runs(tmp_path_factory, tokenizer_dir, text_data, torch_extensions_dir):
-    """A small MoE model (HF Qwen2-MoE) pretrained for 5 steps under ZeRO-2 and under ZeRO-3 by 2 ranks."""
+    """A small MoE model (HF Qwen2-MoE) pretrained for 5 steps under ZeRO-2 and under ZeRO-3 by 2 ranks, and with
+    LoRA (attention and fused experts) under ZeRO-3; all three in one torchrun."""
     tmp = tmp_path_factory.mktemp("zero")
     model_dir = save_tiny_model(tmp / "moe", "qwen2_moe")
     configs = [
         run_config(
-            tmp / f"z{stage}",
+            tmp / name,
             model_dir,
             tokenizer_dir,
             text_data,
             **MOE_SECTIONS,
             engine={"kind": "deepspeed", "zero_stage": stage, "device": "cpu"},
+            **extra,
         )
-        for stage in (2, 3)
+        for name, stage, extra in (("z2", 2, {}), ("z3", 3, {}), ("lora3", 3, {"lora": LORA}))
     ]
     return tmp, model_dir, configs, _run(tmp, torch_extensions_dir, configs, nproc=2)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("index", [0, 1], ids=["zero2", "zero3"])
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["zero2", "zero3", "lora-zero3"])
 def test_two_ranks_complete_and_hold_identical_parameters(zero_runs, index):
     _, model_dir, _, out = zero_runs
     (info0, params0), (info1, params1) = _result(out, index, 0), _result(out, index, 1)
@@ -148,6 +152,15 @@ def test_two_ranks_complete_and_hold_identical_parameters(zero_runs, index):
     assert params0.keys() == params1.keys() and len(params0) > 0
     for name, p in params0.items():
         assert torch.equal(p, params1[name]), name
+    if index == 2:  # LoRA: the adapters moved (B starts at zero), nothing else did
+        lora_b = [p for n, p in params0.items() if "lora_B" in n]
+        assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+        start = dict(transformers.AutoModelForCausalLM.from_pretrained(model_dir).named_parameters())
+        for name, p in params0.items():
+            if "lora_" not in name:
+                base = name.removeprefix("model.base_model.model.").replace(".base_layer", "")
+                assert torch.equal(p, start[base]), name
+        return
     start = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
     moved = [n for n, p in start.named_parameters() if not torch.equal(p, params0[f"model.{n}"])]
     assert any("experts" in n for n in moved) and any("gate" in n for n in moved)  # experts and router trained
@@ -180,3 +193,19 @@ def test_zero3_checkpoint_resumes_and_exports_a_consolidated_hf_model(zero_runs,
     resumed = transformers.AutoModelForCausalLM.from_pretrained(info["final_dir"])
     for (name, p), q in zip(exported.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.slow
+def test_lora_under_zero3_exports_adapter_and_merged_model(zero_runs):
+    _, model_dir, configs, out = zero_runs
+    info, _ = _result(out, 2, 0)
+    run = Path(configs[2]["output_dir"])
+    merged = transformers.AutoModelForCausalLM.from_pretrained(info["final_dir"])
+    adapted = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(model_dir), run / "adapter"
+    )
+    ids = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        assert_close(adapted(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
+        base = transformers.AutoModelForCausalLM.from_pretrained(model_dir)(input_ids=ids).logits
+    assert (merged(input_ids=ids).logits - base).abs().max() > 1e-4
