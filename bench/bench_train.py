@@ -22,12 +22,12 @@ import platform
 import random
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import transformers
+from bench_model import timed  # (wall, CPU) seconds of one call; bench/ is on sys.path when run as a script
 
 from myllm.data import train_tokenizer
 from myllm.train import Trainer, parse_config
@@ -97,16 +97,6 @@ def bare_loop(model_dir: Path, source: PackedExamples, args: argparse.Namespace)
             opt.zero_grad(set_to_none=True)
 
     return steps
-
-
-def timed(fn: Callable[[], None], device: str) -> tuple[float, float]:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main(argv: list[str] | None = None) -> None:
