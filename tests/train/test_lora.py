@@ -66,3 +66,23 @@ def test_lora_targets_that_match_nothing_are_refused(tmp_path, llama_dir, tokeni
     with pytest.raises(ValueError, match=message) as info:
         Trainer(_cfg(tmp_path, llama_dir, tokenizer_dir, text_data, {"r": 2, **lora}))
     assert "q_proj" in str(info.value)  # the message lists what exists
+
+
+def test_lora_works_with_distillation(tmp_path, llama_dir, tokenizer_dir, text_data):
+    teacher = save_tiny_model(tmp_path / "teacher", "llama", seed=3)
+    objective = {"kind": "distill", "teacher": {"path": str(teacher)}, "loss": "reverse_kl", "ce_weight": 0.2}
+    trainer = Trainer(
+        _cfg(
+            tmp_path,
+            llama_dir,
+            tokenizer_dir,
+            text_data,
+            {"r": 2, "target_modules": "all-linear"},
+            objective=objective,
+            train={"max_steps": 2},
+        )
+    )
+    trainable = {n for n, p in trainer.module.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    records = trainer.fit()
+    assert len(records) == 2 and records[-1]["kd"] > 0

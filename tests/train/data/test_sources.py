@@ -120,3 +120,11 @@ def test_position_of_another_dataset_is_refused():
     state = src.state_dict()
     with pytest.raises(ValueError, match="data or seq_len changed"):
         PackedExamples(_corpus(), seq_len=6, pad_id=0).load_state_dict(state)
+
+
+def test_packing_keeps_each_examples_own_targets():
+    """SFT examples keep their -100 (non-assistant) labels when packed; document starts are masked on top."""
+    examples = [([1, 2, 3, 4], [IGNORE, IGNORE, 3, 4]), ([5, 6, 7], [IGNORE, 6, IGNORE])]
+    (window,) = _take(PackedExamples(examples, seq_len=7, pad_id=0, shuffle=False), 1)
+    assert window["labels"].tolist() == [IGNORE, IGNORE, 3, 4, IGNORE, 6, IGNORE]
+    assert window["position_ids"].tolist() == [0, 1, 2, 3, 0, 1, 2]
