@@ -100,7 +100,14 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.engine = build_engine(cfg)
         self.rank, self.world_size = self.engine.rank, self.engine.world_size
+        try:
+            self._build(source)
+        except BaseException:
+            self.engine.close()  # e.g. stop ZeRO-3 partitioning models built later in this process
+            raise
 
+    def _build(self, source: WindowSource | None) -> None:
+        cfg = self.cfg
         # cheap checks first: tokenizer and data
         self.tokenizer = load_tokenizer(cfg.model.tokenizer_path())
         self.pad_id = pad_id(self.tokenizer)
