@@ -27,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from myllm.train import train
 
     result = train(args.config, overrides=args.overrides)
+    if result.rank != 0:  # under torchrun / deepspeed only the first process reports
+        return 0
     if result.final_dir is not None:
         print(f"final model: {result.final_dir}")
     if result.adapter_dir is not None:

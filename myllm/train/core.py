@@ -67,6 +67,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     final_dir: Path | None = None
     adapter_dir: Path | None = None
+    rank: int = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -318,7 +319,7 @@ class Trainer:
         """Write the final model to ``output_dir/final`` (plain HF, safetensors, with the tokenizer) and, under
         LoRA, the adapter to ``output_dir/adapter``. Collective; atomic (temp dir then rename)."""
         model = self._full_model()
-        result = TrainResult(self.output_dir, self.step, self.metrics.path, list(self.history))
+        result = TrainResult(self.output_dir, self.step, self.metrics.path, list(self.history), rank=self.rank)
         if self.rank == 0:
             final, adapter = self.output_dir / "final", self.output_dir / "adapter"
             tmp_final, tmp_adapter = self.output_dir / ".tmp-final", self.output_dir / ".tmp-adapter"
@@ -343,7 +344,7 @@ class Trainer:
         self.fit()
         if self.cfg.checkpoint.save_final:
             return self.export()
-        return TrainResult(self.output_dir, self.step, self.metrics.path, list(self.history))
+        return TrainResult(self.output_dir, self.step, self.metrics.path, list(self.history), rank=self.rank)
 
 
 def train(
