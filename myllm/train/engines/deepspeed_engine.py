@@ -1,7 +1,8 @@
 """The DeepSpeed engine: ZeRO 0-3 over data-parallel processes (gloo on CPU, nccl on GPUs), bf16 on GPU.
 
-Launch with ``deepspeed --num_gpus N $(which myllm) train run.yaml`` or ``torchrun --nproc_per_node N -m myllm
-train run.yaml``; without a launcher it runs as a one-process group. The DeepSpeed config is built from the run
+Launch with ``torchrun --nproc_per_node N -m myllm train run.yaml`` or ``deepspeed --num_gpus N --no_local_rank
+--module myllm train run.yaml`` (the rank comes from the environment); without a launcher it runs as a
+one-process group. The DeepSpeed config is built from the run
 config, or merged into a user's JSON (``engine.deepspeed_config``): the run config fills keys the JSON leaves out
 or sets to ``"auto"``; a key both set differently is an error. The optimizer and schedule always come from the run
 config (a client AdamW and transformers schedule), so every engine optimises the same way.
