@@ -6,7 +6,7 @@
 (see :mod:`myllm.factory.recipe`).
 """
 
-from myllm.factory import moe_movers  # noqa: F401  (registers the MoE weight movers)
+from myllm.factory import attention_movers, moe_movers  # noqa: F401  (register the MLA and MoE weight movers)
 from myllm.factory.engine import SurgeryError, replace
 from myllm.factory.export import ExportError, export
 from myllm.factory.layout import SLOT_KINDS, SLOT_TABLE, Layout, LayoutError, resolve_layout, select_layers

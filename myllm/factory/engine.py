@@ -18,6 +18,7 @@ parameter objects, bit-identical state dict, same config) and the exception prop
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,10 +40,24 @@ from myllm.factory.layout import (
     slot_targets,
     target_at,
 )
-from myllm.factory.movers import Mover, select_mover
+from myllm.factory.movers import MOVERS, Mover, select_mover
 
-# Keywords of replace() that configure the weight transfer rather than the block.
-SURGERY_OPTIONS = frozenset({"init", "init_seed", "split_scale"})
+
+def surgery_options() -> frozenset[str]:
+    """Keywords of replace() that configure the weight transfer rather than the block: those movers declare."""
+    return frozenset().union(*(m.options for m in MOVERS))
+
+
+def _recordable(options: dict[str, Any]) -> dict[str, Any]:
+    """Options as the recipe records them: JSON values as they are, others (e.g. calibration tensors) by type."""
+    out = {}
+    for key, value in options.items():
+        try:
+            json.dumps(value)
+            out[key] = value
+        except (TypeError, ValueError):
+            out[key] = f"<{type(value).__name__}>"
+    return out
 
 
 class SurgeryError(ValueError):
@@ -158,7 +173,7 @@ def plan_replace(
         raise LayoutError(f"unknown slot kind {kind!r}; valid kinds: {', '.join(SLOT_KINDS)}")
     spec = blocks.get(kind, name)
     kwargs = dict(kwargs)
-    options = {k: kwargs.pop(k) for k in list(kwargs) if k in SURGERY_OPTIONS}
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in surgery_options()}
     if not structural:
         check_model_state(model)
         recipe.check_promotable(model)
@@ -182,7 +197,8 @@ def plan_replace(
     for t in chosen:
         facts = module_facts(kind, t.module, model.config, t.layer_idx)
         kw = block_kwargs(spec, facts, kwargs)
-        spec.validate(**kw)
+        if not (getattr(spec.builder, "kwargs_from_weights", False) and not structural):
+            spec.validate(**kw)  # blocks whose sizes come from the weights (MLA) are validated after their mover
         mover = None
         if not structural:
             mover = select_mover(kind, t.module, spec, kw, options)
@@ -369,7 +385,7 @@ def replace(
         "targets": [s.target.path for s in plan.steps],
         "kwargs": common,
         "per_target": per_target,
-        "options": plan.options,
+        "options": _recordable(plan.options),
     }
     execute(model, plan, entry=entry)
     return model

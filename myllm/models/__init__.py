@@ -13,6 +13,8 @@ from myllm.models.modeling import MyLLMDecoderLayer, MyLLMForCausalLM, MyLLMMode
 AutoConfig.register(MyLLMConfig.model_type, MyLLMConfig, exist_ok=True)
 AutoModelForCausalLM.register(MyLLMConfig, MyLLMForCausalLM, exist_ok=True)
 
+from myllm.models import deepseek  # noqa: E402,F401  (registers the deepseek_v3 converter)
+
 __all__ = [
     "HF_CONVERTERS",
     "HFConverter",
