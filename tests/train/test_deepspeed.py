@@ -67,7 +67,9 @@ def _run(tmp_path, env_dir, configs, nproc=1):
         pytest.fail(f"DeepSpeed run timed out after {TIMEOUT} s:\n{stderr[-4000:]}")
     proc = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     wall = time.perf_counter() - start
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
+    if proc.returncode != 0:
+        errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error:" in line]
+        pytest.fail(f"DeepSpeed run failed ({proc.returncode}):\n" + "\n".join(errors[-20:]) + proc.stderr[-3000:])
     print(f"\n[{nproc} process(es), {len(configs)} run(s)] wall time {wall:.1f} s")
     return out
 
