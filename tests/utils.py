@@ -172,3 +172,21 @@ def tiny_myllm(*, seed: int = 0, **overrides: Any):
 def left_pad_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that count only real tokens (what ``generate`` computes for left padding)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def hf_moe_block(arch: str, *, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """The sparse MoE block of a tiny HF ``arch`` model (``qwen2_moe``, ``qwen3_moe``, ``mixtral``, ``deepseek_v3``).
+
+    Its weights are re-drawn at unit-ish scale (std ``1/sqrt(fan_in)``, routers included) so that outputs
+    are O(1) and a 1e-5 tolerance means something; DeepSeek's ``e_score_correction_bias`` gets O(0.1) values.
+    """
+    model = tiny_hf_model(arch, seed=seed, **overrides)
+    block = next(layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "gate"))
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+        for name, b in block.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+    return block.float()

@@ -6,6 +6,7 @@ Importing this package registers model_type ``"myllm"`` with ``transformers.Auto
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from myllm.models import moe_convert  # noqa: F401  (registers qwen2_moe, qwen3_moe, mixtral)
 from myllm.models.configuration import MyLLMConfig
 from myllm.models.convert import HF_CONVERTERS, HFConverter, register_hf_converter
 from myllm.models.modeling import MyLLMDecoderLayer, MyLLMForCausalLM, MyLLMModel, MyLLMPreTrainedModel

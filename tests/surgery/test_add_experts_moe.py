@@ -30,7 +30,7 @@ def test_add_experts_to_our_moe(router, tmp_path):
     add_experts(model, 2, layers=[0, 1])
     block = model.model.layers[0].mlp
     assert block.n_experts == block.experts.n_experts == block.gate.n_experts == 6
-    assert block.gate.load.shape == (6,)
+    assert block.gate.load_since_update.shape == (6,)  # per-expert buffers grow too
     assert max_abs_diff(model(ids).logits, ref) <= 1e-5
     assert block.last_router_logits.shape == (18, 6)
     assert torch.isfinite(block.aux_loss())
