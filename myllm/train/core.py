@@ -27,6 +27,8 @@ import torch
 import transformers
 from torch import nn
 
+from myllm.blocks.ffn.moe import expert_load, update_router_bias
+from myllm.blocks.ffn.moe.balance import max_vio
 from myllm.data import WindowSource, load_tokenizer
 from myllm.train import checkpoint as ckpt_io
 from myllm.train.config import RunConfig, load_config
@@ -236,6 +238,7 @@ class Trainer:
         grad_norm: Any,
         step_tokens: int,
         dt: float,
+        loads: dict[str, torch.Tensor],
     ) -> dict[str, Any]:
         names = sorted(metrics)
         vals = self.engine.all_reduce_sum(torch.stack([loss, *[metrics[n] for n in names]]).float()) / self.world_size
@@ -248,7 +251,19 @@ class Trainer:
             tokens=self.tokens,
             tokens_per_s=step_tokens / max(dt, 1e-9),
         )
+        if loads:  # MoE: tokens per expert of this step, summed over micro-batches and ranks
+            layers = list(loads)
+            total = self.engine.all_reduce_sum(torch.stack([loads[n] for n in layers]).to(self.engine.device))
+            total = total.cpu()
+            record["max_vio"] = max(max_vio(row) for row in total)
+            record["expert_load"] = {n: [int(c) for c in row.tolist()] for n, row in zip(layers, total, strict=True)}
         return record
+
+    def _add_expert_load(self, loads: dict[str, torch.Tensor]) -> None:
+        """Add each MoE layer's tokens per expert ``[E]`` of the last forward to ``loads`` (layer -> int64)."""
+        for name, entry in expert_load(self.module.model).items():
+            counts = torch.tensor(entry["tokens_per_expert"], dtype=torch.int64)
+            loads[name] = loads[name] + counts if name in loads else counts
 
     def train_step(self) -> dict[str, Any] | None:
         """One optimizer step; returns the logged record on logging steps, else ``None``."""
@@ -257,20 +272,27 @@ class Trainer:
         counts, step_tokens = self._counts(micro)
         micro = [self._to_device(b) for b in micro]
         lr = self.engine.lr()
+        logging = (self.step + 1) % self.cfg.logging.every == 0 or self.step + 1 == self.cfg.train.max_steps
         loss_sum: torch.Tensor | float = 0.0
         metric_sums: dict[str, torch.Tensor] = {}
+        loads: dict[str, torch.Tensor] = {}
         for batch in micro:
             loss, metrics = self.engine.forward(batch, counts)
             self.engine.backward(loss)
             loss_sum = loss_sum + loss.detach()
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + v
+            if logging:
+                self._add_expert_load(loads)
         grad_norm = self.engine.step()
+        if self.cfg.lora is None:  # under LoRA the base model, router biases included, stays frozen
+            update_router_bias(self.module.model)  # MoE aux-loss-free balancing (no-op without such routers)
         self.step += 1
         self.tokens += step_tokens
         record = None
-        if self.step % self.cfg.logging.every == 0 or self.step == self.cfg.train.max_steps:
-            record = self._log_record(loss_sum, metric_sums, lr, grad_norm, step_tokens, time.perf_counter() - t0)
+        if logging:
+            dt = time.perf_counter() - t0
+            record = self._log_record(loss_sum, metric_sums, lr, grad_norm, step_tokens, dt, loads)
             self.metrics.write(record)
             self.history.append(record)
         every = self.cfg.checkpoint.every

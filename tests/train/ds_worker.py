@@ -20,7 +20,7 @@ from myllm.train import Trainer, load_config
 
 
 def full_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
-    """Every parameter as this rank sees it after gathering (collective under ZeRO-3)."""
+    """Every parameter (gathered: collective under ZeRO-3) and persistent buffer as this rank holds it."""
     import deepspeed
 
     out = {}
@@ -28,7 +28,17 @@ def full_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
         ctx = deepspeed.zero.GatheredParameters([p]) if hasattr(p, "ds_id") else contextlib.nullcontext()
         with ctx:
             out[name] = p.detach().cpu().clone().contiguous()
-    return out
+    return out | persistent_buffers(trainer)
+
+
+def persistent_buffers(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Persistent buffers (e.g. MoE routers' ``e_score_correction_bias``), never partitioned by ZeRO."""
+    return {
+        f"{prefix}.{name}": b.detach().cpu().clone().contiguous()
+        for prefix, module in trainer.module.named_modules()
+        for name, b in module.named_buffers(recurse=False)
+        if name not in module._non_persistent_buffers_set
+    }
 
 
 def main(out_dir: str, *configs: str) -> None:
@@ -40,7 +50,7 @@ def main(out_dir: str, *configs: str) -> None:
         params = (
             full_parameters(trainer)
             if trainer.cfg.engine.kind == "deepspeed"
-            else dict(trainer.module.named_parameters())
+            else dict(trainer.module.named_parameters()) | persistent_buffers(trainer)
         )
         save_file(
             {k: v.detach().contiguous() for k, v in params.items()}, str(out / f"{i}-rank{trainer.rank}.safetensors")

@@ -62,6 +62,33 @@ def save_tiny_model(path: Path, arch: str = "llama", seed: int = 0, **overrides:
     return path
 
 
+def save_tiny_myllm_moe(path: Path, seed: int = 0) -> Path:
+    """A tiny MyLLM MoE (dense first layer, 4 experts top-2 + a shared expert, Switch + aux-loss-free balancing)."""
+    from myllm import MyLLMConfig, MyLLMForCausalLM
+
+    config = MyLLMConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        ffn={
+            "name": "moe",
+            "n_experts": 4,
+            "top_k": 2,
+            "intermediate_size": 16,
+            "n_shared_experts": 1,
+            "score_func": "sigmoid",
+            "balance": {"switch": 0.01, "loss_free": 0.001},
+        },
+        layer_overrides={"0": {"ffn": "dense"}},
+    )
+    transformers.set_seed(seed)
+    MyLLMForCausalLM(config).save_pretrained(path)
+    return path
+
+
 def run_config(
     tmp_path: Path, model_dir: Path, tokenizer_dir: Path, data_path: Path, **sections: Any
 ) -> dict[str, Any]:
