@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Command modules under myllm.commands, in the order `myllm --help` lists them.
-COMMANDS: tuple[str, ...] = ("demo", "data", "tokenizer", "surgery")
+COMMANDS: tuple[str, ...] = ("demo", "data", "tokenizer", "surgery", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:
