@@ -79,17 +79,17 @@ FULL = Sizes(
     head_dim=32,
     vocab_size=2048,
     seq_len=1024,
-    steps=500,
-    micro_batch_size=4,
+    steps=300,
+    micro_batch_size=2,
     lr=1e-3,
-    warmup_steps=25,
-    heal_steps=5,
+    warmup_steps=15,
+    heal_steps=3,
     heal_lr=3e-4,
     rope_dims=4,
     lever_rope_dims=(2, 8),
     chunk_size=64,
     doc_chars=16000,
-    eval_windows=None,
+    eval_windows=24,
     eval_every=100,
     calibration_windows=4,
 )
@@ -162,10 +162,8 @@ def variants(s: Sizes) -> list[Variant]:
         moba(4, "main"),
         moba(8, "main"),
         mla(4, s.rope_dims, "lever", calibrate=True),
-        mla(2, s.rope_dims, "lever", calibrate=True),
         *(mla(4, r, "lever") for r in s.lever_rope_dims),
         moba(4, "lever", layers=sparse),
-        moba(8, "lever", layers=sparse),
     ]
 
 
