@@ -22,6 +22,7 @@ Writes ``attention_quality.md`` (tables) and ``attention_quality.json`` (everyth
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -34,7 +35,7 @@ from typing import Any
 
 import torch
 import transformers
-from _common import Data, parse_args, prepare_data
+from _common import Data, prepare_data
 
 from myllm import factory
 from myllm.data import load_tokenizer
@@ -60,9 +61,9 @@ class Sizes:
     lr: float
     warmup_steps: int
     heal_steps: int
-    heal_lr: float
+    heal_lr: float  # constant; the pretraining schedule's final lr (lr * min_lr_ratio 0.1)
     rope_dims: int  # MLA: dims per kv head that keep RoPE (the main rows)
-    lever_rope_dims: tuple[int, ...]  # other rope_dims tried at 4x
+    lever_mla: tuple[tuple[int, int], ...]  # other (KV reduction factor, rope_dims) tried
     chunk_size: int  # MoBA
     doc_chars: int  # consecutive docstrings are joined into documents of at least this many characters
     eval_windows: int | None  # held-out windows (None: all that fit)
@@ -84,9 +85,9 @@ FULL = Sizes(
     lr=1e-3,
     warmup_steps=15,
     heal_steps=3,
-    heal_lr=3e-4,
+    heal_lr=1e-4,
     rope_dims=4,
-    lever_rope_dims=(2, 8),
+    lever_mla=((4, 2), (4, 8), (2, 8), (2, 16)),
     chunk_size=64,
     doc_chars=16000,
     eval_windows=24,
@@ -107,15 +108,35 @@ QUICK = Sizes(
     lr=3e-3,
     warmup_steps=2,
     heal_steps=2,
-    heal_lr=1e-3,
+    heal_lr=3e-4,
     rope_dims=2,
-    lever_rope_dims=(0,),
+    lever_mla=((4, 0), (2, 4)),
     chunk_size=8,
     doc_chars=2000,
     eval_windows=6,
     eval_every=6,
     calibration_windows=2,
 )
+
+
+PRETRAIN_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "seq_len",
+    "steps",
+    "micro_batch_size",
+    "lr",
+    "warmup_steps",
+    "doc_chars",
+    "eval_windows",
+    "eval_every",
+)
+"""The sizes the pretrained dense model (and its curve) depend on: ``--reuse-dense`` needs them unchanged."""
 
 
 @dataclass(frozen=True)
@@ -147,13 +168,15 @@ def variants(s: Sizes) -> list[Variant]:
             tag += f", last {s.num_hidden_layers - len(layers)} layer(s) full"
         return Variant(tag, "moba", {"chunk_size": s.chunk_size, "top_k": top_k}, group, layers=layers)
 
-    full_rank = min(s.num_key_value_heads * s.head_dim, s.hidden_size)  # all RoPE dims kept: the V rows' rank
+    def full_rank(rope: int) -> int:  # the rank bound of the joint [K_nope; V] rows (no biases here)
+        return min(s.num_key_value_heads * (2 * s.head_dim - rope), s.hidden_size)
+
     sparse = tuple(range(s.num_hidden_layers - 1))
     return [
         Variant(
-            f"mla full rank (r={full_rank}, rope_dims={s.head_dim})",
+            f"mla full rank (r={full_rank(s.head_dim)}, rope_dims={s.head_dim})",
             "mla",
-            {"kv_lora_rank": full_rank, "rope_dims": s.head_dim},
+            {"kv_lora_rank": full_rank(s.head_dim), "rope_dims": s.head_dim},
             "sanity",
             heal=False,
         ),
@@ -162,7 +185,13 @@ def variants(s: Sizes) -> list[Variant]:
         moba(4, "main"),
         moba(8, "main"),
         mla(4, s.rope_dims, "lever", calibrate=True),
-        *(mla(4, r, "lever") for r in s.lever_rope_dims),
+        *(mla(f, r, "lever") for f, r in s.lever_mla),
+        Variant(  # partial RoPE alone: the low-rank step at full rank changes nothing
+            f"mla partial RoPE only (r={full_rank(s.rope_dims)}, rope_dims={s.rope_dims})",
+            "mla",
+            {"kv_lora_rank": full_rank(s.rope_dims), "rope_dims": s.rope_dims},
+            "lever",
+        ),
         moba(4, "lever", layers=sparse),
     ]
 
@@ -255,7 +284,20 @@ def pretrain(out: Path, data: Data, train_file: Path, s: Sizes, evaluate: Any) -
         if (chunk := losses[i : i + bucket])
     ]
     tokens = s.steps * s.micro_batch_size * s.seq_len
-    return result.final_dir, {"train_loss": curve, "heldout": heldout, "seconds": seconds, "tokens": tokens}
+    record = {"train_loss": curve, "heldout": heldout, "seconds": seconds, "tokens": tokens, "sizes": asdict(s)}
+    (out / "curve.json").write_text(json.dumps(record, indent=2) + "\n")
+    return result.final_dir, record
+
+
+def reusable_dense(out: Path, s: Sizes) -> tuple[Path, dict[str, Any]] | None:
+    """A dense model a previous run of the same sizes left in ``out`` (``--reuse-dense``), else ``None``."""
+    curve = out / "curve.json"
+    if not ((out / "final" / "config.json").is_file() and curve.is_file()):
+        return None
+    record = json.loads(curve.read_text())
+    saved, now = record.get("sizes", {}), json.loads(json.dumps(asdict(s)))
+    same = all(saved.get(k) == now[k] for k in PRETRAIN_FIELDS)
+    return (out / "final", record) if same else None
 
 
 def heal(model_dir: Path, out: Path, data: Data, train_file: Path, s: Sizes) -> tuple[Path, list[float]]:
@@ -364,12 +406,22 @@ def load_average() -> str:
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0], default_out="runs/attention_quality")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes and a few steps (seconds)")
+    p.add_argument("--out", default="runs/attention_quality", help="output directory")
+    p.add_argument(
+        "--reuse-dense",
+        action="store_true",
+        help="reuse the dense model a previous run with the same sizes left in OUT/work/dense (skips pretraining)",
+    )
+    args = p.parse_args()
     s = QUICK if args.quick else FULL
     transformers.utils.logging.disable_progress_bar()
     out = Path(args.out)
     work = out / "work"
-    shutil.rmtree(work, ignore_errors=True)
+    for old in work.iterdir() if work.is_dir() else []:
+        if not (args.reuse_dense and old.name == "dense"):
+            shutil.rmtree(old)
     t_start = time.perf_counter()
     started = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load": load_average()}
 
@@ -384,8 +436,14 @@ def main() -> None:
     def evaluate(model: torch.nn.Module) -> dict[str, Any]:
         return perplexity(model, tokenizer, [text], max_length=s.seq_len, stride=s.seq_len, batch_size=4)
 
-    print(f"pretraining the dense model ({s.steps} steps of {s.micro_batch_size} x {s.seq_len} tokens)")
-    dense_dir, curve = pretrain(work / "dense", data, train_file, s, evaluate)
+    reused = reusable_dense(work / "dense", s) if args.reuse_dense else None
+    if reused is not None:
+        print(f"reusing the dense model in {work / 'dense'}")
+        dense_dir, curve = reused
+    else:
+        shutil.rmtree(work / "dense", ignore_errors=True)
+        print(f"pretraining the dense model ({s.steps} steps of {s.micro_batch_size} x {s.seq_len} tokens)")
+        dense_dir, curve = pretrain(work / "dense", data, train_file, s, evaluate)
     dense_eval = evaluate(load(dense_dir))
     control_dir, control_losses = heal(dense_dir, work / "dense-healed", data, train_file, s)
     control = evaluate(load(control_dir))["ppl"]
@@ -427,7 +485,11 @@ def main() -> None:
         )
 
     report = {
-        "command": "python examples/attention_quality.py" + (" --quick" if args.quick else "") + f" --out {args.out}",
+        "command": "python examples/attention_quality.py"
+        + (" --quick" if args.quick else "")
+        + (" --reuse-dense" if args.reuse_dense else "")
+        + f" --out {args.out}",
+        "reused_dense": reused is not None,
         "started": started,
         "finished": {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load": load_average()},
         "seconds": time.perf_counter() - t_start,
