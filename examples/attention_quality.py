@@ -28,7 +28,7 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,8 @@ class Sizes:
     lr: float
     warmup_steps: int
     heal_steps: int
+    long_heal_steps: int  # a lever: healing 10x longer
+    long_heal_rope_dims: int  # ... of MLA 4x with these rope_dims (besides the main rope_dims) and MoBA 4x
     heal_lr: float  # constant; the pretraining schedule's final lr (lr * min_lr_ratio 0.1)
     rope_dims: int  # MLA: dims per kv head that keep RoPE (the main rows)
     lever_mla: tuple[tuple[int, int], ...]  # other (KV reduction factor, rope_dims) tried
@@ -85,9 +87,11 @@ FULL = Sizes(
     lr=1e-3,
     warmup_steps=15,
     heal_steps=3,
+    long_heal_steps=30,
+    long_heal_rope_dims=12,
     heal_lr=1e-4,
     rope_dims=4,
-    lever_mla=((4, 2), (4, 8), (2, 8), (2, 16)),
+    lever_mla=((4, 2), (4, 8), (4, 12), (2, 8), (2, 16)),
     chunk_size=64,
     doc_chars=16000,
     eval_windows=24,
@@ -108,6 +112,8 @@ QUICK = Sizes(
     lr=3e-3,
     warmup_steps=2,
     heal_steps=2,
+    long_heal_steps=4,
+    long_heal_rope_dims=0,
     heal_lr=3e-4,
     rope_dims=2,
     lever_mla=((4, 0), (2, 4)),
@@ -150,6 +156,7 @@ class Variant:
     layers: tuple[int, ...] | None = None
     calibrate: bool = False
     heal: bool = True
+    heal_steps: int | None = None  # None: Sizes.heal_steps
 
 
 def variants(s: Sizes) -> list[Variant]:
@@ -193,6 +200,10 @@ def variants(s: Sizes) -> list[Variant]:
             "lever",
         ),
         moba(4, "lever", layers=sparse),
+        *(
+            replace(v, name=f"{v.name}, healed {s.long_heal_steps} steps", heal_steps=s.long_heal_steps)
+            for v in (mla(4, s.rope_dims, "lever"), mla(4, s.long_heal_rope_dims, "lever"), moba(4, "lever"))
+        ),
     ]
 
 
@@ -300,11 +311,11 @@ def reusable_dense(out: Path, s: Sizes) -> tuple[Path, dict[str, Any]] | None:
     return (out / "final", record) if same else None
 
 
-def heal(model_dir: Path, out: Path, data: Data, train_file: Path, s: Sizes) -> tuple[Path, list[float]]:
-    """Continue ``model_dir`` for ``heal_steps`` at a constant ``heal_lr`` (same for every variant)."""
+def heal(model_dir: Path, out: Path, data: Data, train_file: Path, s: Sizes, steps: int) -> tuple[Path, list[float]]:
+    """Continue ``model_dir`` for ``steps`` at a constant ``heal_lr`` (same data order for every variant)."""
     schedule = {"kind": "constant", "warmup_steps": 0}
     cfg = run_config(
-        out, {"path": str(model_dir)}, data, train_file, s, steps=s.heal_steps, lr=s.heal_lr, schedule=schedule, seed=1
+        out, {"path": str(model_dir)}, data, train_file, s, steps=steps, lr=s.heal_lr, schedule=schedule, seed=1
     )
     result = train(cfg)
     return result.final_dir, [r["loss"] for r in result.history]
@@ -356,7 +367,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"Held-out perplexity at seq_len {s['seq_len']} ({report['eval']['windows']} windows, "
         f"{report['eval']['tokens']} scored tokens). Dense: {dense:.3f}; dense continued {s['heal_steps']} steps "
         f"(control): {control:.3f}. Healing: {s['heal_steps']} steps = "
-        f"{100 * s['heal_steps'] / s['steps']:.1f}% of the {s['steps']} pretraining steps, lr {s['heal_lr']} constant.",
+        f"{100 * s['heal_steps'] / s['steps']:.1f}% of the {s['steps']} pretraining steps, lr {s['heal_lr']} constant"
+        " (rows marked 'healed N steps' heal longer; their control is the dense model continued N steps: "
+        + ", ".join(f"{c['steps']} steps {c['ppl']:.3f}" for c in report["dense_controls"])
+        + ").",
         "",
         "| variant | group | KV bytes/token (all layers) | keys attended | ppl after conversion | ratio | "
         "ppl healed | ratio vs dense | ratio vs dense healed |",
@@ -445,9 +459,16 @@ def main() -> None:
         print(f"pretraining the dense model ({s.steps} steps of {s.micro_batch_size} x {s.seq_len} tokens)")
         dense_dir, curve = pretrain(work / "dense", data, train_file, s, evaluate)
     dense_eval = evaluate(load(dense_dir))
-    control_dir, control_losses = heal(dense_dir, work / "dense-healed", data, train_file, s)
-    control = evaluate(load(control_dir))["ppl"]
-    print(f"dense ppl {dense_eval['ppl']:.4f}; dense continued {s.heal_steps} steps {control:.4f}")
+    controls: dict[int, dict[str, Any]] = {}  # healing steps -> the dense model continued as long
+
+    def control_for(steps: int) -> float:
+        if steps not in controls:
+            control_dir, losses = heal(dense_dir, work / f"dense-healed-{steps}", data, train_file, s, steps)
+            controls[steps] = {"steps": steps, "ppl": evaluate(load(control_dir))["ppl"], "heal_losses": losses}
+            print(f"dense ppl {dense_eval['ppl']:.4f}; dense continued {steps} steps {controls[steps]['ppl']:.4f}")
+        return controls[steps]["ppl"]
+
+    control_for(s.heal_steps)
     calib = calibration_batches(train_file, tokenizer, s)
 
     rows = []
@@ -472,10 +493,12 @@ def main() -> None:
         if v.heal:
             conv_dir = work / f"variant{i}"
             model.save_pretrained(conv_dir / "converted")
-            healed_dir, losses = heal(conv_dir / "converted", conv_dir / "heal", data, train_file, s)
+            steps = v.heal_steps or s.heal_steps
+            healed_dir, losses = heal(conv_dir / "converted", conv_dir / "heal", data, train_file, s, steps)
+            row["heal_steps"] = steps
             row["ppl_healed"] = evaluate(load(healed_dir))["ppl"]
             row["ratio_healed_vs_dense"] = row["ppl_healed"] / dense_eval["ppl"]
-            row["ratio_healed_vs_control"] = row["ppl_healed"] / control
+            row["ratio_healed_vs_control"] = row["ppl_healed"] / control_for(steps)
             row["heal_losses"] = losses
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
@@ -499,7 +522,8 @@ def main() -> None:
         "eval": {"windows": n_windows, "tokens": dense_eval["tokens"], "max_length": s.seq_len},
         "pretrain": curve,
         "dense": {"ppl": dense_eval["ppl"], "nll": dense_eval["nll"]},
-        "dense_healed": {"ppl": control, "heal_losses": control_losses},
+        "dense_healed": controls[s.heal_steps],
+        "dense_controls": list(controls.values()),
         "rows": rows,
     }
     report["targets"] = targets(rows, s)
