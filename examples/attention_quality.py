@@ -15,7 +15,9 @@ The docstrings are short, so consecutive ones are joined (``\\n\\n``) into long 
 the held-out windows then span ``seq_len`` real positions and attention has long context to use.
 
     python examples/attention_quality.py --quick          # tiny sizes, seconds (what tests/examples runs)
-    python examples/attention_quality.py --out runs/aq    # the BENCHMARKS.md numbers (~30 min on 2 CPU cores)
+    python examples/attention_quality.py --out runs/aq    # the BENCHMARKS.md numbers (2 CPU cores: ~25 min
+                                                          # quiet, ~55 min at load 5)
+    python examples/attention_quality.py --reuse-dense --out runs/aq   # variants again on the same dense model
 
 Writes ``attention_quality.md`` (tables) and ``attention_quality.json`` (everything) to ``--out``.
 """
