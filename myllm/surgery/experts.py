@@ -2,7 +2,8 @@
 
 :func:`grow_experts` / :func:`grow_rows` are the pure transforms (fused layout in, fused layout out);
 :func:`add_experts` applies them to the MoE blocks of a live model (HF ``qwen2_moe``, ``qwen3_moe``,
-``mixtral``, ``deepseek_v3`` blocks and myllm ``moe`` blocks), atomically, and records the change.
+``mixtral``, ``deepseek_v3`` blocks and myllm ``moe`` blocks, in HF models or in MyLLM models), atomically, and
+records the change (``config.myllm_surgeries``; replayed when the model is rebuilt, so it saves and loads).
 
 Why the model's outputs are unchanged at insertion and the new experts still learn: see
 :mod:`myllm.surgery.routing` (old experts keep their exact routing; new experts form a separately routed
@@ -210,12 +211,7 @@ def add_experts(
     if init not in GROW_INITS:
         raise ValueError(f"unknown init {init!r} for new experts; valid: {', '.join(GROW_INITS)}")
     check_model_state(model)
-    if getattr(type(model.config), "model_type", None) == "myllm":
-        raise ValueError(
-            "add_experts on MyLLM models is not supported yet: MyLLM rebuilds its blocks from config specs, "
-            "which cannot express added expert groups"
-        )
-    recipe.check_promotable(model)
+    recipe.check_promotable(model)  # MyLLM models record the entry in config.myllm_surgeries, replayed on load
     _, all_targets = slot_targets(model, "ffn", None)
     moe_paths = [t.path for t in all_targets if moe_parts(t.module) is not None]
     if layers is None:
