@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 # `python examples/x.py` from a checkout: make the checkout's myllm importable without installing it
 _REPO = Path(__file__).resolve().parents[1]
 if (_REPO / "myllm").is_dir() and str(_REPO) not in sys.path:
@@ -22,6 +24,7 @@ if (_REPO / "myllm").is_dir() and str(_REPO) not in sys.path:
 
 from myllm.data import build_corpus, load_tokenizer, train_tokenizer  # noqa: E402
 from myllm.data.corpus import stdlib_root, stdlib_source_files  # noqa: E402
+from myllm.train.data import IGNORE, chat_examples, collate, pad_id  # noqa: E402
 
 
 def parse_args(description: str, *, default_out: str, base: bool = False) -> argparse.Namespace:
@@ -172,3 +175,33 @@ def write_results(out: Path, results: dict) -> Path:
     print(json.dumps(results, indent=2))
     print(f"results written to {path}")
     return path
+
+
+def read_chats(path: Path) -> list[list[dict[str, str]]]:
+    """The conversations of a chat JSONL file."""
+    return [json.loads(line)["conversations"] for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+
+
+@torch.no_grad()
+def answer_loss(model: torch.nn.Module, tokenizer, convs: list[list[dict[str, str]]], batch_size: int = 32) -> float:
+    """Mean cross-entropy (nats) over the assistant tokens of ``convs``, rendered and masked as SFT trains them
+    (``myllm.train.data.chat_examples``: the tokenizer's chat template, ChatML by default)."""
+    examples = chat_examples(tokenizer, convs, None)
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(examples), batch_size):
+        windows = [
+            {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.arange(len(ids))}
+            for ids, labels in examples[i : i + batch_size]
+        ]
+        batch = collate(windows, pad_id(tokenizer))
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        targets = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="sum"
+        )
+        total += float(nll)
+        count += int((targets != IGNORE).sum())
+    model.train(was_training)
+    return total / count

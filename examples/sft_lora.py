@@ -13,43 +13,14 @@ What it shows:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
-from _common import parse_args, prepare_data, pretrained_base, run_config, write_results
+from _common import answer_loss, parse_args, prepare_data, pretrained_base, read_chats, run_config, write_results
 
 from myllm.data import load_tokenizer
 from myllm.generation import generate_text
 from myllm.loading import load_model_and_tokenizer
 from myllm.train import Trainer, parse_config, read_metrics
-from myllm.train.data import IGNORE, chat_examples, collate, pad_id
-
-
-def read_chats(path: Path) -> list[list[dict[str, str]]]:
-    return [json.loads(line)["conversations"] for line in path.read_text(encoding="utf-8").splitlines() if line]
-
-
-@torch.no_grad()
-def answer_loss(model: torch.nn.Module, tokenizer, convs: list[list[dict[str, str]]], batch_size: int = 32) -> float:
-    """Mean cross-entropy (nats) over the assistant tokens of ``convs``, rendered as in training."""
-    examples = chat_examples(tokenizer, convs, None)
-    total, count = 0.0, 0
-    model.eval()
-    for i in range(0, len(examples), batch_size):
-        windows = [
-            {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.arange(len(ids))}
-            for ids, labels in examples[i : i + batch_size]
-        ]
-        batch = collate(windows, pad_id(tokenizer))
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-        targets = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="sum"
-        )
-        total += float(nll)
-        count += int((targets != IGNORE).sum())
-    return total / count
 
 
 def main() -> None:
