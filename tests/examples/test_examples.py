@@ -187,6 +187,7 @@ def test_inserted_experts_train_while_the_old_ones_stay_bit_identical(tmp_path, 
     assert res["answer_loss_after"] < res["answer_loss_before"]
 
 
+@pytest.mark.slow
 def test_deepspeed_launch_trains_on_two_cpu_processes(tmp_path, torch_extensions_dir):
     out = tmp_path / "ds"
     env = _env(torch_extensions_dir) | {"OUT": str(out), "NPROC": "2", "PYTHON": sys.executable}
