@@ -39,7 +39,12 @@ def parse_args(description: str, *, default_out: str, base: bool = False) -> arg
             default=None,
             help="pretrained model directory with its tokenizer (default: pretrain a small one here first)",
         )
-    return p.parse_args()
+    args = p.parse_args()
+    if base and args.base is not None:
+        missing = [f for f in ("config.json", "tokenizer_config.json") if not (Path(args.base) / f).is_file()]
+        if missing:  # checked before any data is built
+            p.error(f"--base {args.base}: not a model directory with its tokenizer (no {', '.join(missing)})")
+    return args
 
 
 @dataclass

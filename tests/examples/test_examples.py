@@ -139,6 +139,23 @@ def test_sft_lora_adapter_equals_the_merged_model_and_lowers_the_answer_loss(
     assert len(res["answers"]) == 3
 
 
+def test_a_base_that_is_not_a_model_is_refused_before_anything_is_written(tmp_path, torch_extensions_dir):
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "not-a-model" / "config.json").write_text("{}")
+    cmd = [sys.executable, str(EXAMPLES / "sft_lora.py"), "--quick", "--out", str(tmp_path / "out")]
+    proc = subprocess.run(
+        [*cmd, "--base", str(tmp_path / "not-a-model")],
+        cwd=tmp_path,
+        env=_env(torch_extensions_dir),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 2
+    assert "not a model directory with its tokenizer (no tokenizer_config.json)" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_distillation_trains_kd_and_hidden_terms_into_a_smaller_student(pretrained, tmp_path, torch_extensions_dir):
     out = tmp_path / "distill"
     res = run_example("distill", out, torch_extensions_dir, "--base", str(pretrained[0] / "final"))
