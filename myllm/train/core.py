@@ -92,10 +92,10 @@ class Trainer:
         callbacks: called as ``callback(trainer)`` after every optimizer step.
         source: a ready :class:`~myllm.data.source.WindowSource` (e.g. ``myllm.data.source_from_dataset`` for a
             ``datasets.Dataset``) used instead of ``cfg.data``'s files; it must serve this process's rank.
-        model: a ready causal LM trained instead of loading ``cfg.model`` (which still names the tokenizer): e.g.
-            one just changed by ``myllm.factory.replace`` or ``myllm.surgery.add_experts``, whose frozen expert
-            rows are not saved with a checkpoint. Not with a partitioning engine (ZeRO-3), which must build the
-            model itself.
+        model: a ready causal LM trained (in place) instead of loading ``cfg.model``, which still names the
+            tokenizer: e.g. one just changed by ``myllm.factory.replace`` or ``myllm.surgery.add_experts``, whose
+            frozen expert rows are not saved with a checkpoint. Not with a partitioning engine (ZeRO-3), which
+            must build the model itself.
     """
 
     def __init__(
