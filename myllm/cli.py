@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Command modules under myllm.commands, in the order `myllm --help` lists them.
-COMMANDS: tuple[str, ...] = ("demo", "data", "tokenizer", "surgery", "train")
+COMMANDS: tuple[str, ...] = ("demo", "data", "tokenizer", "surgery", "train", "eval", "generate", "plot")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -92,10 +92,19 @@ class Trainer:
         callbacks: called as ``callback(trainer)`` after every optimizer step.
         source: a ready :class:`~myllm.data.source.WindowSource` (e.g. ``myllm.data.source_from_dataset`` for a
             ``datasets.Dataset``) used instead of ``cfg.data``'s files; it must serve this process's rank.
+        model: a ready causal LM trained (in place) instead of loading ``cfg.model``, which still names the
+            tokenizer: e.g. one just changed by ``myllm.factory.replace`` or ``myllm.surgery.add_experts``, whose
+            frozen expert rows are not saved with a checkpoint. Not with a partitioning engine (ZeRO-3), which
+            must build the model itself.
     """
 
     def __init__(
-        self, cfg: RunConfig, *, callbacks: Sequence[Callback] = (), source: WindowSource | None = None
+        self,
+        cfg: RunConfig,
+        *,
+        callbacks: Sequence[Callback] = (),
+        source: WindowSource | None = None,
+        model: nn.Module | None = None,
     ) -> None:
         self.cfg, self.callbacks = cfg, list(callbacks)
         self.output_dir = Path(cfg.output_dir)
@@ -104,13 +113,18 @@ class Trainer:
         self.engine = build_engine(cfg)
         self.rank, self.world_size = self.engine.rank, self.engine.world_size
         try:
-            self._build(source)
+            self._build(source, model)
         except BaseException:
             self.engine.close()  # e.g. stop ZeRO-3 partitioning models built later in this process
             raise
 
-    def _build(self, source: WindowSource | None) -> None:
+    def _build(self, source: WindowSource | None, given: nn.Module | None) -> None:
         cfg = self.cfg
+        if given is not None and self.engine.partitioned:
+            raise ValueError(
+                "a ready model cannot be trained with ZeRO-3 (the engine builds the model partitioned itself); "
+                "save it and give its directory as model.path, or use ZeRO stage 0-2"
+            )
         # cheap checks first: tokenizer and data
         self.tokenizer = load_tokenizer(cfg.model.tokenizer_path())
         self.pad_id = pad_id(self.tokenizer)
@@ -125,7 +139,12 @@ class Trainer:
         attn = "eager" if distill and cfg.objective.attention_layers else None  # attention maps need eager
         teacher = load_model(cfg.objective.teacher, seed=cfg.train.seed, attn_implementation=attn) if distill else None
         self.engine.before_model_load()
-        model = load_model(cfg.model, seed=cfg.train.seed, attn_implementation=attn)
+        if given is None:
+            model = load_model(cfg.model, seed=cfg.train.seed, attn_implementation=attn)
+        else:
+            model = given
+            if attn is not None:
+                model.set_attn_implementation(attn)
         if len(self.tokenizer) > vocab_size(model):
             raise ValueError(
                 f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary is {vocab_size(model)}"
