@@ -262,6 +262,35 @@ def add_experts(
     return model
 
 
+def freeze_recorded_experts(model: nn.Module) -> dict[str, int]:
+    """Freeze again the experts that recorded ``add_experts(..., freeze_existing=True)`` calls froze.
+
+    Row freezing lives on the live parameters and is not saved (see :mod:`myllm.surgery.freeze`); a grown
+    model loaded from disk calls this before training so its old experts stay frozen. Each entry froze the
+    rows that existed before it (the original experts and earlier groups).
+
+    Returns:
+        ``{MoE block path: number of frozen expert rows}`` (empty when nothing was recorded frozen).
+    """
+    entries = [e for e in recipe.surgeries(model.config) if e.get("op") == "add_experts"]
+    added: dict[str, int] = {}
+    for entry in entries:
+        for path in entry["targets"]:
+            added[path] = added.get(path, 0) + entry["n_new"]
+    grown_so_far = dict.fromkeys(added, 0)
+    frozen: dict[str, int] = {}
+    for entry in entries:
+        for path in entry["targets"]:
+            experts, _, router, _ = moe_parts(target_at(model, path).module)
+            n_old = experts.gate_up_proj.shape[0] - added[path] + grown_so_far[path]
+            grown_so_far[path] += entry["n_new"]
+            if entry.get("freeze_existing", True):
+                for p in (experts.gate_up_proj, router.weight, experts.down_proj):
+                    freezing.freeze_rows(p, range(n_old))
+                frozen[path] = max(frozen.get(path, 0), n_old)
+    return frozen
+
+
 @recipe.recipe_op("add_experts")
 def replay_add_experts(model: nn.Module, entry: dict[str, Any]) -> None:
     """Structural replay: grow the recorded MoE blocks (empty tensors; weights come from the checkpoint)."""

@@ -10,7 +10,7 @@ from utils import assert_close, max_abs_diff, tiny_myllm, tokens
 
 from myllm.factory import replace
 from myllm.factory.layout import LayoutError
-from myllm.surgery import add_experts, moe_parts
+from myllm.surgery import add_experts, freeze_recorded_experts, moe_parts
 
 MOE = {"name": "moe", "n_experts": 4, "top_k": 2, "intermediate_size": 16, "balance": {"switch": 0.01}}
 
@@ -81,3 +81,30 @@ def test_bad_requests_leave_the_model_unchanged():
     replace(model, "ffn", "dense", layers=[0])  # other layers can still change
     with pytest.raises(ValueError, match="recorded surgeries"):
         model.to_hf("qwen2_moe")
+
+
+def _train(model, steps=3):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model.train()
+    ids = tokens(2, 9, seed=5)
+    for _ in range(steps):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("refreeze", [True, False])
+def test_recorded_freezing_is_reapplied_after_loading(tmp_path, refreeze):
+    model = _moe_model()
+    add_experts(model, 2, layers=[2])
+    add_experts(model, 1, layers=[2])  # froze the 4 original experts and the first group of 2
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    experts = moe_parts(loaded.model.layers[2].mlp)[0]
+    before = experts.gate_up_proj.detach().clone()
+    if refreeze:
+        assert freeze_recorded_experts(loaded) == {"model.layers.2.mlp": 6}
+    _train(loaded)
+    now = experts.gate_up_proj.detach()
+    assert torch.equal(now[:6], before[:6]) == refreeze  # without it (freezing is not saved) old rows move
+    assert not torch.equal(now[6:], before[6:])
