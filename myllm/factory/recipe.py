@@ -28,6 +28,10 @@ Entry format (``config.json``)::
        "config_updates": {"num_local_experts": [4, 6]}, "myllm_version": "0.1.0"}
     ]
 
+MyLLM models record ``replace`` in their block specs instead (:mod:`myllm.factory.myllm_model`); only
+``add_experts``, which the specs cannot express, goes to ``MyLLMConfig.myllm_surgeries`` and is replayed by
+``MyLLMForCausalLM.__init__``.
+
 ``kwargs`` are the fully resolved block keywords (sizes included), so a replay never re-derives anything;
 ``config_updates`` lists config values an op changed (``[before, after]``), which ``__init__`` temporarily
 reverts while the base class builds its original structure.

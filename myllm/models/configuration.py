@@ -115,6 +115,8 @@ class MyLLMConfig(PreTrainedConfig):
         layer_types: per layer ``"full_attention"`` or ``"sliding_attention"`` (transformers' convention, which
             its masks and caches read); default: every layer sliding when ``sliding_window`` is set, else full.
         output_router_logits: return MoE ``router_logits`` and ``aux_loss`` by default.
+        myllm_surgeries: structural changes the block specs cannot express, replayed after the layers are built
+            (``myllm.surgery.add_experts`` entries; see :mod:`myllm.factory.recipe`). Written by the surgeries.
         source_model_type: the Hugging Face ``model_type`` the weights were imported from (``from_hf``); the
             default target of ``to_hf``.
     """
@@ -148,6 +150,7 @@ class MyLLMConfig(PreTrainedConfig):
     sliding_window: int | None = None
     layer_types: list[str] | None = None
     output_router_logits: bool = False
+    myllm_surgeries: list | None = None
     source_model_type: str | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:

@@ -290,6 +290,9 @@ def to_hf(model: MyLLMForCausalLM, model_type: str | None = None) -> PreTrainedM
     if model_type is None:
         raise ValueError(f"to_hf needs a model_type (this model was not imported); supported: {sorted(HF_CONVERTERS)}")
     converter = get_hf_converter(model_type)
+    if model.config.myllm_surgeries:
+        ops = sorted({e.get("op", "?") for e in model.config.myllm_surgeries})
+        raise ValueError(f"cannot export to {model_type}: the model has recorded surgeries {ops} (added experts)")
     hf_config = getattr(transformers, converter.hf_config_class)(**converter.config_to_hf(model.config))
     expected = MyLLMConfig(**converter.config_to_myllm(hf_config))
     for (where, ours), (_, theirs) in zip(_structure(model.config), _structure(expected), strict=True):

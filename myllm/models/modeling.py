@@ -283,6 +283,10 @@ class MyLLMForCausalLM(MyLLMPreTrainedModel, GenerationMixin):
         self.model = MyLLMModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.myllm_surgeries:  # e.g. added expert groups: rebuilt structurally, weights come from the checkpoint
+            from myllm.factory import recipe
+
+            recipe.replay(self)
         self.post_init()
 
     @classmethod

@@ -30,6 +30,8 @@ from torch import nn
 from myllm.blocks.ffn.moe import expert_load, update_router_bias
 from myllm.blocks.ffn.moe.balance import max_vio
 from myllm.data import WindowSource, load_tokenizer
+from myllm.factory.recipe import surgeries
+from myllm.surgery.experts import freeze_recorded_experts
 from myllm.train import checkpoint as ckpt_io
 from myllm.train.config import RunConfig, load_config
 from myllm.train.data import build_source, collate, pad_id
@@ -139,8 +141,11 @@ class Trainer:
         attn = "eager" if distill and cfg.objective.attention_layers else None  # attention maps need eager
         teacher = load_model(cfg.objective.teacher, seed=cfg.train.seed, attn_implementation=attn) if distill else None
         self.engine.before_model_load()
+        self.frozen_experts: dict[str, int] = {}  # MoE block path -> expert rows kept frozen
         if given is None:
             model = load_model(cfg.model, seed=cfg.train.seed, attn_implementation=attn)
+            if cfg.lora is None:  # (LoRA freezes the whole base model anyway)
+                self.frozen_experts = self._refreeze_added_experts(model)
         else:
             model = given
             if attn is not None:
@@ -174,6 +179,17 @@ class Trainer:
         self.metrics.truncate_after(self.step)
         self._windows: Iterator = iter(self.source)
         self.finished = False
+
+    def _refreeze_added_experts(self, model: nn.Module) -> dict[str, int]:
+        """Old experts that ``add_experts(freeze_existing=True)`` froze stay frozen (row freezing is not saved)."""
+        recorded = [e for e in surgeries(model.config) if e.get("op") == "add_experts" and e.get("freeze_existing")]
+        if recorded and self.cfg.engine.kind != "torch":
+            raise ValueError(
+                "this model holds experts added with freeze_existing=True; their row freezing works with torch "
+                "optimizers only (DeepSpeed keeps its own master weights). Train it with engine.kind: torch, or "
+                "with LoRA"
+            )
+        return freeze_recorded_experts(model)
 
     # ----------------------------------------------------------------------------------------------- resume
     def _resume_target(self) -> Path | None:

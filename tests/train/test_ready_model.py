@@ -44,15 +44,29 @@ def test_a_ready_model_is_trained_with_its_frozen_expert_rows(tmp_path, tokenize
         assert torch.equal(reloaded(ids).logits, model.eval()(ids).logits)
 
 
-def test_without_a_ready_model_the_frozen_rows_are_not_known(tmp_path, tokenizer_dir, text_data):
-    """Non-vacuity: the same model saved and loaded by path trains its old experts too (freezing is not saved)."""
-    model = _grown_moe()
+@pytest.mark.parametrize("freeze_existing", [True, False])
+def test_a_grown_model_loaded_by_path_keeps_its_recorded_freezing(tmp_path, tokenizer_dir, text_data, freeze_existing):
+    """Row freezing is not saved; the trainer re-applies what add_experts recorded (and nothing when it froze
+    nothing: the paired case shows the old experts would move)."""
+    model = tiny_hf_model("qwen3_moe", vocab_size=VOCAB)
+    surgery.add_experts(model, n_new=2, freeze_existing=freeze_existing)
     model.save_pretrained(tmp_path / "grown")
     old = model.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
     cfg = run_config(tmp_path, tmp_path / "grown", tokenizer_dir, text_data, optimizer={"lr": 1e-2})
     trainer = Trainer(parse_config(cfg))
+    assert trainer.frozen_experts == ({"model.layers.0.mlp": 4, "model.layers.1.mlp": 4} if freeze_existing else {})
     trainer.fit()
-    assert not torch.equal(trainer.module.model.model.layers[0].mlp.experts.gate_up_proj.detach()[:4], old[:4])
+    now = trainer.module.model.model.layers[0].mlp.experts.gate_up_proj.detach()
+    assert torch.equal(now[:4], old[:4]) == freeze_existing
+    assert not torch.equal(now[4:], old[4:])
+
+
+def test_recorded_freezing_is_refused_by_the_deepspeed_engine(tmp_path, tokenizer_dir, text_data, monkeypatch):
+    _grown_moe().save_pretrained(tmp_path / "grown")
+    monkeypatch.setattr("myllm.train.core.build_engine", TorchEngine)  # no process group in the test process
+    cfg = run_config(tmp_path, tmp_path / "grown", tokenizer_dir, text_data, engine={"kind": "deepspeed"})
+    with pytest.raises(ValueError, match="row freezing works with torch optimizers only"):
+        Trainer(parse_config(cfg))
 
 
 def test_a_ready_model_is_refused_by_a_partitioning_engine(tmp_path, tokenizer_dir, text_data, monkeypatch):
