@@ -161,7 +161,9 @@ def _stages(root: Path, preset: Preset, *, echo: Echo, progress: bool) -> dict[s
     # 3. dense pretraining
     model_cfg = {"config": preset.model_config(len(tok)), "tokenizer": str(tok_dir)}
     with watch.stage("pretrain", f"3/6 pretrain a dense MyLLM: {preset.pretrain_steps} steps"):
-        trainer = Trainer(preset.run_config(root / "pretrain", model_cfg, shard_dir, phase="pretrain", progress=progress))
+        trainer = Trainer(
+            preset.run_config(root / "pretrain", model_cfg, shard_dir, phase="pretrain", progress=progress)
+        )
     evaluate("untrained", trainer.module.model)
     with watch.stage("pretrain"):
         trainer.fit()

@@ -152,10 +152,10 @@ def render_report(res: dict[str, Any]) -> str:
         "",
         "## Upcycling is function-preserving",
         "",
-        f"`factory.replace(model, \"ffn\", \"moe\", n_experts={up['n_experts']}, top_k={up['top_k']}, "
-        "init=\"copy\")` on the pretrained dense model: max |logit difference| over "
+        f'`factory.replace(model, "ffn", "moe", n_experts={up["n_experts"]}, top_k={up["top_k"]}, '
+        'init="copy")` on the pretrained dense model: max |logit difference| over '
         f"{up['tokens_compared']} held-out tokens = **{up['max_logit_diff']:.2e}** (float32 rounding). The same "
-        f"surgery with `init=\"random\"` (control: the check does see a change) gives "
+        f'surgery with `init="random"` (control: the check does see a change) gives '
         f"{up['control_random_init_diff']:.2f}.",
         "",
         "## Held-out perplexity",
@@ -184,7 +184,13 @@ def render_report(res: dict[str, Any]) -> str:
     for s in res["samples"]:
         text = (s["prompt"] + s["text"]).replace("\n", " ").replace("`", "'")
         lines.append(f"- `{text}`")
-    lines += ["", "## Expert load", "", "| layer | tokens per expert (continued training) | MaxVio |", "| --- | --- | ---: |"]
+    lines += [
+        "",
+        "## Expert load",
+        "",
+        "| layer | tokens per expert (continued training) | MaxVio |",
+        "| --- | --- | ---: |",
+    ]
     for layer, entry in res["expert_load_training"].items():
         lines.append(f"| {layer} | {entry['tokens_per_expert']} | {entry['max_vio']:.3f} |")
     lines += [
