@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from myllm import factory
 from myllm.blocks.ffn.moe import expert_load
@@ -94,6 +95,9 @@ def run_demo(
     out = check_out_dir(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     old_threads = torch.get_num_threads()
+    hf_bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()  # transformers' own bars (loading and writing weights)
     try:
         n_threads = threads if threads is not None else pick_threads()
         if n_threads < 1:
@@ -107,6 +111,8 @@ def run_demo(
         raise
     finally:
         torch.set_num_threads(old_threads)
+        if hf_bars:
+            hf_logging.enable_progress_bar()
     echo(f"\nreport: {out / 'report.md'}")
     return results
 
@@ -228,9 +234,11 @@ def _stages(root: Path, preset: Preset, *, echo: Echo, progress: bool) -> dict[s
             "max_logit_diff": max_logit_diff(live["moe"], reloaded, batch),
             "control_dense_diff": max_logit_diff(live["dense"], reloaded, batch),
         }
+        load_batch = heldout_batch(tok, heldout, preset.seq_len, rows=16)
         with torch.no_grad():
-            reloaded(batch)
+            reloaded(load_batch)
         res["expert_load_heldout"] = expert_load(reloaded)
+        res["reload"]["load_tokens"] = int(load_batch.numel())
         texts = generate_text(
             reloaded, tok, list(PROMPTS), max_new_tokens=preset.new_tokens, temperature=0.8, top_p=0.95, seed=0
         )

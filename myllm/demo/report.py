@@ -21,7 +21,12 @@ from myllm.plots import EXPERT_LOAD_FILE, PPL_FILE, plot_expert_load, plot_loss_
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
-PLOTS = {"loss": "loss.png", "expert_load": "expert_load.png", "ppl": "ppl.png"}
+PLOTS = {
+    "loss": "loss.png",
+    "loss_continued": "loss_continued.png",
+    "expert_load": "expert_load.png",
+    "ppl": "ppl.png",
+}
 
 
 class Stopwatch:
@@ -50,6 +55,17 @@ def load_average() -> list[float] | None:
         return None
 
 
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo`` on Linux), else what :mod:`platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict[str, Any]:
     """Where the numbers were measured: CPU, cores, torch threads, versions, date, load average."""
     import torch
@@ -58,7 +74,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": "cpu",
@@ -80,6 +96,8 @@ def write_outputs(root: Path, res: dict[str, Any], *, echo: Callable[[str], None
     write_json_atomic(root / PPL_FILE, res["ppl"])
     write_json_atomic(root / EXPERT_LOAD_FILE, loads)
     plot_loss_curves(runs, root / PLOTS["loss"], smooth=0.6, title="training loss: pretraining, then continued")
+    continued = {k: v for k, v in runs.items() if k != "dense pretraining"}
+    plot_loss_curves(continued, root / PLOTS["loss_continued"], smooth=0.6, title="continued training at equal steps")
     plot_expert_load(loads, root / PLOTS["expert_load"])
     plot_perplexity_bars(res["ppl"], root / PLOTS["ppl"], title="held-out perplexity and bits per byte")
     res["timing"]["report"] = time.perf_counter() - start
@@ -188,16 +206,23 @@ def render_report(res: dict[str, Any]) -> str:
         "",
         "## Expert load",
         "",
-        "| layer | tokens per expert (continued training) | MaxVio |",
-        "| --- | --- | ---: |",
+        "Tokens routed to each expert (top-k picks) summed over the continued training, and on "
+        f"{rl['load_tokens']:,} held-out tokens after it. MaxVio = (max - mean) / mean, 0 is perfect balance.",
+        "",
+        "| layer | tokens per expert (continued training) | MaxVio | held-out MaxVio |",
+        "| --- | --- | ---: | ---: |",
     ]
+    held = res["expert_load_heldout"]
     for layer, entry in res["expert_load_training"].items():
-        lines.append(f"| {layer} | {entry['tokens_per_expert']} | {entry['max_vio']:.3f} |")
+        h = held.get(layer, {}).get("max_vio", float("nan"))
+        lines.append(f"| {layer} | {entry['tokens_per_expert']} | {entry['max_vio']:.3f} | {h:.3f} |")
     lines += [
         "",
         "## Plots",
         "",
         f"![training loss]({PLOTS['loss']})",
+        "",
+        f"![continued training]({PLOTS['loss_continued']})",
         "",
         f"![expert load]({PLOTS['expert_load']})",
         "",

@@ -83,7 +83,7 @@ def test_quick_demo_plots_are_valid_images(quick_run):
     from PIL import Image
 
     out, _ = quick_run
-    for name in ("loss.png", "expert_load.png", "ppl.png"):
+    for name in ("loss.png", "loss_continued.png", "expert_load.png", "ppl.png"):
         with Image.open(out / name) as img:
             img.verify()
         with Image.open(out / name) as img:
