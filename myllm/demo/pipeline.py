@@ -221,13 +221,15 @@ def _stages(root: Path, preset: Preset, *, echo: Echo, progress: bool) -> dict[s
         res["loss"][key] = loss_summary(trainer.history)
         if key == "moe":
             res["expert_load_training"] = summed_expert_load(trainer.history)
+            res["max_vio_per_step"] = [r["max_vio"] for r in trainer.history if "max_vio" in r]
         evaluate(label, trainer.module.model)
         live[key] = trainer.module.model.eval()
         del trainer
 
     # 5. save, reload with transformers, generate
     with watch.stage("reload", "6/6 reload the saved MoE with AutoModelForCausalLM.from_pretrained, generate"):
-        reloaded = load_causal_lm(root / "moe" / "final")
+        device = next(live["moe"].parameters()).device  # the training loop's device (a GPU where there is one)
+        reloaded = load_causal_lm(root / "moe" / "final", device=device)
         res["reload"] = {
             "class": type(reloaded).__name__,
             "model_type": reloaded.config.model_type,
@@ -276,11 +278,12 @@ def heldout_batch(tokenizer: Any, texts: Iterable[str], seq_len: int, *, rows: i
 
 @torch.no_grad()
 def max_logit_diff(a: torch.nn.Module, b: torch.nn.Module, ids: torch.Tensor) -> float:
-    """``max |logits_a - logits_b|`` of two models (in eval mode) on ``ids [B, T]``."""
+    """``max |logits_a - logits_b|`` of two models (in eval mode, each on its own device) on ``ids [B, T]``."""
     was = a.training, b.training
     a.eval(), b.eval()
     try:
-        return float((a(ids).logits.float() - b(ids).logits.float()).abs().max())
+        la, lb = (m(ids.to(next(m.parameters()).device)).logits.float().cpu() for m in (a, b))
+        return float((la - lb).abs().max())
     finally:
         a.train(was[0]), b.train(was[1])
 
