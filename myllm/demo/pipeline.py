@@ -61,7 +61,7 @@ def check_out_dir(out: str | os.PathLike) -> Path:
             f"--out {p} exists and holds files that are not a demo run ({names}); the demo replaces its output "
             "directory as a whole: choose a new or empty directory"
         )
-    ensure_writable_dir(p.parent if str(p.parent) else Path("."))
+    ensure_writable_dir(p.parent)
     return p
 
 
@@ -90,18 +90,18 @@ def run_demo(
         echo: where the stage headers and numbers go.
 
     Raises:
-        ValueError: a bad ``out`` (checked before any work).
+        ValueError: a bad ``out`` or ``threads`` (checked before any work).
     """
     out = check_out_dir(out)
+    n_threads = threads if threads is not None else pick_threads()
+    if n_threads < 1:
+        raise ValueError(f"threads must be >= 1, got {n_threads}")
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     old_threads = torch.get_num_threads()
     hf_bars = hf_logging.is_progress_bar_enabled()
     if not progress:
         hf_logging.disable_progress_bar()  # transformers' own bars (loading and writing weights)
     try:
-        n_threads = threads if threads is not None else pick_threads()
-        if n_threads < 1:
-            raise ValueError(f"threads must be >= 1, got {n_threads}")
         torch.set_num_threads(n_threads)
         results = _stages(staging, preset, echo=echo, progress=progress)
         write_outputs(staging, results, echo=echo)

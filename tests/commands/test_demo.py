@@ -121,6 +121,8 @@ def test_bad_out_is_refused_before_any_work(tmp_path):
     for out in (a_file, a_file / "demo"):
         with pytest.raises(ValueError, match="is an existing file"):
             run_demo(out, preset=QUICK, echo=lambda s: None)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        run_demo(tmp_path / "demo", preset=QUICK, threads=0, echo=lambda s: None)
     assert a_file.read_text() == "keep" and [p.name for p in tmp_path.iterdir()] == ["a_file"]
 
 
