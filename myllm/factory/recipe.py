@@ -46,6 +46,8 @@ from typing import Any
 
 from torch import nn
 
+from myllm.blocks.ffn.moe.router import init_router_state
+
 RECIPE_KEY = "myllm_surgeries"
 PREFIX = "myllm_"
 
@@ -141,6 +143,10 @@ def _make_model_class(base_model: type, cfg_cls: type) -> type:
         bad = {k: sorted(info[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
         if bad:
             raise RecipeError(f"the checkpoint does not match the recorded structure of {cls.__name__}: {bad}")
+        # state of myllm blocks that is not saved (router load counters): transformers leaves it uninitialised,
+        # and the base class's _init_weights (which initialises the inner model's modules) does not know it
+        for module in model.modules():
+            init_router_state(module)
         return (model, info) if want_info else model
 
     model_cls = type(

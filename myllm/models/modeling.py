@@ -32,6 +32,7 @@ from transformers.utils.output_capturing import capture_outputs, install_output_
 
 from myllm.blocks import registry
 from myllm.blocks.attention.base import Attention, rope_config, rope_signature
+from myllm.blocks.ffn.moe.router import init_router_state
 from myllm.blocks.norm import deepnorm_init_
 from myllm.models.configuration import MyLLMConfig
 
@@ -122,6 +123,7 @@ class MyLLMPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
+        init_router_state(module)
         if hasattr(module, "placement"):  # norm blocks, whatever their class name
             if getattr(module, "weight", None) is not None:
                 init.ones_(module.weight)
