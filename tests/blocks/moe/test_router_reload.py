@@ -4,10 +4,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers
-from utils import tiny_hf_model
+from utils import tiny_hf_model, tiny_myllm
 
 from myllm import MyLLMConfig, MyLLMForCausalLM, factory
 from myllm.blocks.ffn.moe import Router, update_router_bias
@@ -58,3 +60,19 @@ def test_reloaded_router_counters_start_at_zero(build, tmp_path):
     first.load_since_update.copy_(torch.arange(first.n_experts) * 10**6)  # uneven, as garbage is
     stale = _bias_after_one_step(again, ids)
     assert not all(torch.equal(a, b) for a, b in zip(expected, stale, strict=True))
+
+
+def test_a_model_deep_copies_after_a_training_forward():
+    """The last forward's routing (tensors of a live graph) is not copied; the copy computes the same thing."""
+    model = tiny_myllm(num_hidden_layers=2, ffn={"name": "moe", "n_experts": 4, "top_k": 2, "intermediate_size": 16})
+    model.train()
+    ids = torch.randint(0, 64, (2, 7))
+    model(ids, labels=ids).loss.backward()
+    block = model.model.layers[1].mlp
+    assert block.records  # the original keeps its routing for the balancing loss and the load statistics
+    twin = copy.deepcopy(model)
+    assert twin.model.layers[1].mlp.records == [] and block.records
+    model.eval()
+    twin.eval()
+    with torch.no_grad():
+        assert torch.equal(twin(ids).logits, model(ids).logits)
