@@ -15,21 +15,36 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 # `python examples/x.py` from a checkout: make the checkout's myllm importable without installing it
 _REPO = Path(__file__).resolve().parents[1]
 if (_REPO / "myllm").is_dir() and str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
-from myllm.data import build_corpus, train_tokenizer  # noqa: E402
+from myllm.data import build_corpus, load_tokenizer, train_tokenizer  # noqa: E402
 from myllm.data.corpus import stdlib_root, stdlib_source_files  # noqa: E402
+from myllm.train.data import IGNORE, chat_examples, collate, pad_id  # noqa: E402
 
 
-def parse_args(description: str, *, default_out: str) -> argparse.Namespace:
-    """``--quick`` (tiny sizes, a few steps: what the tests run) and ``--out DIR``."""
-    p = argparse.ArgumentParser(description=description)
+def parse_args(description: str, *, default_out: str, base: bool = False) -> argparse.Namespace:
+    """``--quick`` (tiny sizes, a few steps: what the tests run) and ``--out DIR``; with ``base``, also
+    ``--base DIR``: a pretrained model directory with its tokenizer (e.g. ``pretrain.py``'s ``final/``)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes and a few steps (seconds)")
     p.add_argument("--out", default=default_out, help=f"output directory (default {default_out})")
-    return p.parse_args()
+    if base:
+        p.add_argument(
+            "--base",
+            default=None,
+            help="pretrained model directory with its tokenizer (default: pretrain a small one here first)",
+        )
+    args = p.parse_args()
+    if base and args.base is not None:
+        missing = [f for f in ("config.json", "tokenizer_config.json") if not (Path(args.base) / f).is_file()]
+        if missing:  # checked before any data is built
+            p.error(f"--base {args.base}: not a model directory with its tokenizer (no {', '.join(missing)})")
+    return args
 
 
 @dataclass
@@ -121,3 +136,77 @@ def heldout_texts(data: Data, quick: bool) -> list[str]:
     """The held-out documents (the first 40 in the quick form)."""
     texts = [json.loads(line)["text"] for line in data.heldout.read_text(encoding="utf-8").splitlines() if line]
     return texts[:40] if quick else texts
+
+
+def run_config(
+    out: Path, data: Data, *, quick: bool, model: dict, steps: int, lr: float = 3e-3, seq_len: int | None = None
+) -> dict:
+    """A run-config dict (``myllm.train``) with the examples' shared settings: CPU, cosine schedule with warmup,
+    text data from ``data``, no progress bar in the quick form. Sections are plain dicts, so a script updates
+    them before ``parse_config``/``train``."""
+    return {
+        "output_dir": str(out),
+        "model": model,
+        "data": {"path": str(data.train), "seq_len": seq_len or (64 if quick else 128)},
+        "optimizer": {"lr": lr, "weight_decay": 0.1},
+        "schedule": {"kind": "cosine", "warmup_steps": max(1, steps // 10), "min_lr_ratio": 0.1},
+        "engine": {"kind": "torch", "device": "cpu"},
+        "train": {"max_steps": steps, "micro_batch_size": 8 if quick else 16, "grad_accum": 1, "seed": 0},
+        "logging": {"every": 1, "progress": not quick},
+    }
+
+
+def pretrained_base(args: argparse.Namespace, data: Data) -> Path:
+    """``--base`` if given, else a small dense MyLLM pretrained here (``out/base/final``, reused when there)."""
+    if args.base is not None:
+        return Path(args.base)
+    from myllm.train import parse_config, train
+
+    out = Path(args.out) / "base"
+    if (out / "final" / "config.json").is_file():
+        return out / "final"
+    vocab = len(load_tokenizer(data.tokenizer))
+    model = {"config": myllm_config(vocab, quick=args.quick), "tokenizer": str(data.tokenizer)}
+    steps = 40 if args.quick else 300
+    print(f"pretraining a base model first ({steps} steps; pass --base DIR to use your own)")
+    result = train(parse_config(run_config(out, data, quick=args.quick, model=model, steps=steps)))
+    return result.final_dir
+
+
+def write_results(out: Path, results: dict) -> Path:
+    """Write ``out/results.json`` (what the tests check) and print it."""
+    path = Path(out) / "results.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    print(f"results written to {path}")
+    return path
+
+
+def read_chats(path: Path) -> list[list[dict[str, str]]]:
+    """The conversations of a chat JSONL file."""
+    return [json.loads(line)["conversations"] for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+
+
+@torch.no_grad()
+def answer_loss(model: torch.nn.Module, tokenizer, convs: list[list[dict[str, str]]], batch_size: int = 32) -> float:
+    """Mean cross-entropy (nats) over the assistant tokens of ``convs``, rendered and masked as SFT trains them
+    (``myllm.train.data.chat_examples``: the tokenizer's chat template, ChatML by default)."""
+    examples = chat_examples(tokenizer, convs, None)
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(examples), batch_size):
+        windows = [
+            {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.arange(len(ids))}
+            for ids, labels in examples[i : i + batch_size]
+        ]
+        batch = collate(windows, pad_id(tokenizer))
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        targets = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="sum"
+        )
+        total += float(nll)
+        count += int((targets != IGNORE).sum())
+    model.train(was_training)
+    return total / count

@@ -25,6 +25,9 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral": ("MistralConfig", {"sliding_window": None, "head_dim": 8}),
     "qwen2": ("Qwen2Config", {}),  # q/k/v bias
     "qwen3": ("Qwen3Config", {"head_dim": 8}),  # q/k norm
+    # sliding-window attention: every layer (Mistral), or layers >= max_window_layers (Qwen2)
+    "mistral_swa": ("MistralConfig", {"sliding_window": 3, "head_dim": 8}),
+    "qwen2_swa": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1}),
     "qwen2_moe": (
         "Qwen2MoeConfig",
         {
@@ -62,6 +65,8 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
 CAUSAL_LM_CLASSES: dict[str, str] = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
+    "mistral_swa": "MistralForCausalLM",
+    "qwen2_swa": "Qwen2ForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -198,3 +203,36 @@ def hf_moe_block(arch: str, *, seed: int = 0, **overrides: Any) -> torch.nn.Modu
             if "e_score_correction_bias" in name:
                 b.copy_(0.1 * torch.randn(b.shape, generator=g))
     return block.float()
+
+
+def parity_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids [2, 8], attention_mask [2, 8])``; row 1 left-padded by 3."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 128, (2, 8), generator=g)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0  # left padding
+    return x, mask
+
+
+def hf_parity(hf: torch.nn.Module, ours: torch.nn.Module) -> dict[str, float]:
+    """Max abs logit difference in three settings (real tokens only where there is padding)."""
+    x, mask = parity_inputs()
+    pos = left_pad_positions(mask)
+    real = mask.bool()
+    with torch.no_grad():
+        full = max_abs_diff(ours(x).logits, hf(x).logits)
+        padded = max_abs_diff(
+            ours(x, attention_mask=mask, position_ids=pos).logits[real],
+            hf(x, attention_mask=mask, position_ids=pos).logits[real],
+        )
+        # incremental decoding: prefill 5 tokens, then one token at a time through the cache
+        c_ours = c_hf = None
+        cached = 0.0
+        for start, stop in [(0, 5), (5, 6), (6, 7), (7, 8)]:
+            kw = dict(attention_mask=mask[:, :stop], position_ids=pos[:, start:stop], use_cache=True)
+            a = ours(x[:, start:stop], cache=c_ours, **kw)
+            b = hf(x[:, start:stop], cache=c_hf, **kw)
+            c_ours, c_hf = a.cache, b.cache
+            rows = real[:, start:stop]
+            cached = max(cached, max_abs_diff(a.logits[rows], b.logits[rows]))
+    return {"full": full, "left padding": padded, "cache": cached}

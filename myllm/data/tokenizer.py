@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-from myllm.data.io import PathLike, ensure_writable_dir, iter_jsonl
+from myllm.data.io import PathLike, ensure_writable_dir, iter_jsonl, replace_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -157,14 +157,7 @@ def _save_dir_atomic(tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

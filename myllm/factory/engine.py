@@ -193,6 +193,7 @@ def plan_replace(
     if myllm_model.is_myllm(model) and layout is not None and not structural:
         final_norm = next((t for t in chosen if t.path == layout.final_norm), None)
         chosen = [t for t in chosen if t is not final_norm]  # rebuilt from the specs (may be an Identity)
+        _check_no_added_experts(model, chosen)
     steps = []
     for t in chosen:
         facts = module_facts(kind, t.module, model.config, t.layer_idx)
@@ -212,6 +213,17 @@ def plan_replace(
     if myllm_model.is_myllm(model) and not structural:
         _plan_myllm(model, plan, final_norm)
     return plan
+
+
+def _check_no_added_experts(model: nn.Module, chosen: list[Target]) -> None:
+    """MyLLM: a spec-based replace cannot keep experts that ``add_experts`` inserted (recorded separately)."""
+    grown = {p for e in recipe.surgeries(model.config) if e.get("op") == "add_experts" for p in e["targets"]}
+    hit = sorted(t.path for t in chosen if t.path in grown)
+    if hit:
+        raise LayoutError(
+            f"{', '.join(hit)} hold experts inserted by add_experts (config.myllm_surgeries); a replace there would "
+            "drop them from the saved structure. Replace before adding experts."
+        )
 
 
 def _plan_myllm(model: nn.Module, plan: Plan, final_norm: Target | None) -> None:

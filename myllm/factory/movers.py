@@ -180,6 +180,12 @@ class SameStateMover(Mover):
             new = _meta_build(spec, kwargs)
         except Exception as exc:  # validation errors surface later with the full message
             return f"cannot build {spec.kind}/{spec.name}: {exc}"
+        if kind == "attention" and not getattr(new, "takes_sliding_window_mask", True):
+            from myllm.surgery.attention import sliding_window_of  # (myllm.surgery imports the factory)
+
+            window = sliding_window_of(old)
+            if window is not None:
+                return f"{type(old).__name__} attends through a sliding window ({window}), which {spec.name} cannot"
         want, have = tensor_shapes(new), tensor_shapes(old)
         if {k: v[0] for k, v in want.items()} == {k: v[0] for k, v in have.items()}:
             return None

@@ -28,6 +28,10 @@ Entry format (``config.json``)::
        "config_updates": {"num_local_experts": [4, 6]}, "myllm_version": "0.1.0"}
     ]
 
+MyLLM models record ``replace`` in their block specs instead (:mod:`myllm.factory.myllm_model`); only
+``add_experts``, which the specs cannot express, goes to ``MyLLMConfig.myllm_surgeries`` and is replayed by
+``MyLLMForCausalLM.__init__``.
+
 ``kwargs`` are the fully resolved block keywords (sizes included), so a replay never re-derives anything;
 ``config_updates`` lists config values an op changed (``[before, after]``), which ``__init__`` temporarily
 reverts while the base class builds its original structure.
@@ -41,6 +45,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import nn
+
+from myllm.blocks.ffn.moe.router import init_router_state
 
 RECIPE_KEY = "myllm_surgeries"
 PREFIX = "myllm_"
@@ -137,6 +143,10 @@ def _make_model_class(base_model: type, cfg_cls: type) -> type:
         bad = {k: sorted(info[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
         if bad:
             raise RecipeError(f"the checkpoint does not match the recorded structure of {cls.__name__}: {bad}")
+        # state of myllm blocks that is not saved (router load counters): transformers leaves it uninitialised,
+        # and the base class's _init_weights (which initialises the inner model's modules) does not know it
+        for module in model.modules():
+            init_router_state(module)
         return (model, info) if want_info else model
 
     model_cls = type(

@@ -39,6 +39,9 @@ from myllm.blocks import registry
 SLOTS: tuple[str, ...] = ("attention", "ffn", "norm")
 """The per-layer block slots; each is also the registry kind of its blocks."""
 
+LAYER_TYPES: tuple[str, str] = ("full_attention", "sliding_attention")
+"""``layer_types`` values (transformers' names), indexed by "is sliding"."""
+
 DEFAULT_SPECS: dict[str, dict[str, Any]] = {
     "attention": {"name": "sdpa"},
     "ffn": {"name": "dense"},
@@ -107,7 +110,13 @@ class MyLLMConfig(PreTrainedConfig):
         attention, ffn, norm: block spec of each slot for every layer (see the module docstring).
         layer_overrides: ``{"<layer index>": {"<slot>": spec}}`` replacing a slot's spec in one layer.
         kv_cache: spec of the cache block ``forward(use_cache=True)`` and ``generate()`` build by default.
+        sliding_window: window of the layers whose ``layer_types`` entry is ``"sliding_attention"`` (each query
+            sees itself and the ``sliding_window - 1`` tokens before it, as in Mistral and Qwen2).
+        layer_types: per layer ``"full_attention"`` or ``"sliding_attention"`` (transformers' convention, which
+            its masks and caches read); default: every layer sliding when ``sliding_window`` is set, else full.
         output_router_logits: return MoE ``router_logits`` and ``aux_loss`` by default.
+        myllm_surgeries: structural changes the block specs cannot express, replayed after the layers are built
+            (``myllm.surgery.add_experts`` entries; see :mod:`myllm.factory.recipe`). Written by the surgeries.
         source_model_type: the Hugging Face ``model_type`` the weights were imported from (``from_hf``); the
             default target of ``to_hf``.
     """
@@ -138,7 +147,10 @@ class MyLLMConfig(PreTrainedConfig):
     norm: dict | str | None = None
     kv_cache: dict | str | None = None
     layer_overrides: dict | None = None
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
     output_router_logits: bool = False
+    myllm_surgeries: list | None = None
     source_model_type: str | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -150,6 +162,7 @@ class MyLLMConfig(PreTrainedConfig):
             value = getattr(self, slot)
             setattr(self, slot, normalise_spec(value if value is not None else default, where=f"MyLLMConfig.{slot}"))
         self.layer_overrides = self._normalise_overrides(self.layer_overrides)
+        self.layer_types = self._normalise_layer_types()
         # transformers' own post-init: RoPE standardisation, and `attn_implementation` through our setter below
         super().__post_init__(**kwargs)
         self.validate_blocks()
@@ -180,6 +193,27 @@ class MyLLMConfig(PreTrainedConfig):
             where = f"layer_overrides[{key!r}]"
             out[str(idx)] = {slot: normalise_spec(spec, where=f"{where}[{slot!r}]") for slot, spec in slots.items()}
         return out
+
+    def _normalise_layer_types(self) -> list[str]:
+        window, types = self.sliding_window, self.layer_types
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"sliding_window must be a positive integer or None, got {window!r}")
+        if types is None:
+            return [LAYER_TYPES[window is not None]] * self.num_hidden_layers
+        types = list(types)
+        if len(types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types has {len(types)} entries for num_hidden_layers={self.num_hidden_layers}")
+        unknown = sorted(set(types) - set(LAYER_TYPES))
+        if unknown:
+            raise ValueError(f"layer_types: unknown type(s) {unknown}; valid: {', '.join(LAYER_TYPES)}")
+        if window is None and LAYER_TYPES[True] in types:
+            raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+        return types
+
+    @property
+    def has_sliding_layers(self) -> bool:
+        """Whether any layer attends through a sliding window."""
+        return LAYER_TYPES[True] in self.layer_types
 
     def block_spec(self, slot: str, layer_idx: int | None = None) -> dict[str, Any]:
         """The spec (``{"name", **kwargs}``) of ``slot`` in layer ``layer_idx`` (``None``: the model-level one)."""
@@ -237,6 +271,15 @@ class MyLLMConfig(PreTrainedConfig):
                         raise ValueError(
                             f"MyLLMConfig: norm block {name!r} has no `placement` capability ('pre' or 'post')"
                         )
+        for layer_idx, kind in enumerate(self.layer_types):
+            name = self.block_spec("attention", layer_idx)["name"]
+            if kind == LAYER_TYPES[True] and not getattr(
+                registry.get("attention", name).builder, "takes_sliding_window_mask", True
+            ):
+                raise ValueError(
+                    f"MyLLMConfig: layer {layer_idx} is a sliding_attention layer, but attention block {name!r} does "
+                    "not take a sliding-window mask; use full_attention for it in layer_types"
+                )
         if self.kv_cache["name"] not in registry.available("cache"):
             raise ValueError(
                 f"MyLLMConfig: unknown kv_cache block {self.kv_cache['name']!r}; "

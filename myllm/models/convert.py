@@ -43,7 +43,7 @@ class HFConverter:
         hf_class: name of the transformers causal-LM class (``"Qwen2ForCausalLM"``), looked up lazily.
         hf_config_class: name of its config class (``"Qwen2Config"``).
         config_to_myllm: HF config -> ``MyLLMConfig`` keywords; raises ``ValueError`` for features MyLLM cannot
-            express (e.g. sliding-window attention).
+            express.
         config_to_hf: ``MyLLMConfig`` -> keywords of ``hf_config_class``.
         state_dict_to_myllm: pure transform of the HF state dict (``(state_dict, hf_config) -> state_dict``).
         state_dict_to_hf: its inverse (``(state_dict, myllm_config) -> state_dict``).
@@ -95,15 +95,16 @@ def rename_keys(rules: list[tuple[str, str]]) -> Callable[[StateDict, Any], Stat
 
 # ------------------------------------------------------------------------------------------ Llama family
 def common_config_to_myllm(hf: PreTrainedConfig) -> dict[str, Any]:
-    """The ``MyLLMConfig`` keywords every Llama-like config shares (sizes, RoPE, norms, tokens)."""
-    if getattr(hf, "sliding_window", None) is not None or "sliding_attention" in (
-        getattr(hf, "layer_types", None) or []
-    ):
-        raise ValueError(
-            f"{type(hf).__name__} uses sliding-window attention (sliding_window={hf.sliding_window}), "
-            "which MyLLM does not support"
-        )
+    """The ``MyLLMConfig`` keywords every Llama-like config shares (sizes, RoPE, norms, tokens, sliding window).
+
+    A ``sliding_window`` without ``layer_types`` (Mistral) makes every layer sliding; ``layer_types`` (Qwen2/3 with
+    ``use_sliding_window``) are taken as they are.
+    """
+    window = getattr(hf, "sliding_window", None)
+    types = getattr(hf, "layer_types", None)
     return {
+        "sliding_window": window,
+        "layer_types": list(types) if types is not None and window is not None else None,
         "vocab_size": hf.vocab_size,
         "hidden_size": hf.hidden_size,
         "intermediate_size": hf.intermediate_size,
@@ -147,6 +148,16 @@ def common_config_to_hf(c: MyLLMConfig) -> dict[str, Any]:
         "bos_token_id": c.bos_token_id,
         "eos_token_id": c.eos_token_id,
     }
+
+
+def sliding_window_to_hf(c: MyLLMConfig, *, per_layer: bool = True) -> dict[str, Any]:
+    """Qwen-family flags of MyLLM's sliding-window layers (``use_sliding_window``, ``sliding_window``, and with
+    ``per_layer`` the ``layer_types``; without, the target slides in every layer and the export check refuses a
+    mix)."""
+    if not c.has_sliding_layers:
+        return {"use_sliding_window": False, "sliding_window": None}
+    flags = {"use_sliding_window": True, "sliding_window": c.sliding_window}
+    return {**flags, "layer_types": list(c.layer_types)} if per_layer else flags
 
 
 def llama_like_converter(
@@ -195,11 +206,17 @@ register_hf_converter(
 register_hf_converter(
     "mistral",
     llama_like_converter(
-        "MistralForCausalLM", "MistralConfig", attention=lambda hf: {}, hf_flags=lambda c: {"sliding_window": None}
+        "MistralForCausalLM",
+        "MistralConfig",
+        attention=lambda hf: {},
+        hf_flags=lambda c: {"sliding_window": c.sliding_window if c.has_sliding_layers else None},
     ),
 )
 register_hf_converter(
-    "qwen2", llama_like_converter("Qwen2ForCausalLM", "Qwen2Config", attention=lambda hf: {"qkv_bias": True})
+    "qwen2",
+    llama_like_converter(
+        "Qwen2ForCausalLM", "Qwen2Config", attention=lambda hf: {"qkv_bias": True}, hf_flags=sliding_window_to_hf
+    ),
 )
 register_hf_converter(
     "qwen3",
@@ -207,7 +224,7 @@ register_hf_converter(
         "Qwen3ForCausalLM",
         "Qwen3Config",
         attention=lambda hf: {"qkv_bias": hf.attention_bias, "o_bias": hf.attention_bias, "qk_norm": True},
-        hf_flags=lambda c: {"attention_bias": c.attention.get("qkv_bias", False)},
+        hf_flags=lambda c: {"attention_bias": c.attention.get("qkv_bias", False), **sliding_window_to_hf(c)},
     ),
 )
 
@@ -221,6 +238,8 @@ def _structure(config: MyLLMConfig) -> list[tuple[str, Any]]:
         ("tie_word_embeddings", config.tie_word_embeddings),
         ("num_hidden_layers", config.num_hidden_layers),
         ("model norm", config.resolve_block("norm")),
+        ("layer_types", tuple(config.layer_types)),
+        ("sliding_window", config.sliding_window if config.has_sliding_layers else None),
     ]
     for i in range(config.num_hidden_layers):
         for slot in SLOTS:
@@ -271,6 +290,9 @@ def to_hf(model: MyLLMForCausalLM, model_type: str | None = None) -> PreTrainedM
     if model_type is None:
         raise ValueError(f"to_hf needs a model_type (this model was not imported); supported: {sorted(HF_CONVERTERS)}")
     converter = get_hf_converter(model_type)
+    if model.config.myllm_surgeries:
+        ops = sorted({e.get("op", "?") for e in model.config.myllm_surgeries})
+        raise ValueError(f"cannot export to {model_type}: the model has recorded surgeries {ops} (added experts)")
     hf_config = getattr(transformers, converter.hf_config_class)(**converter.config_to_hf(model.config))
     expected = MyLLMConfig(**converter.config_to_myllm(hf_config))
     for (where, ours), (_, theirs) in zip(_structure(model.config), _structure(expected), strict=True):

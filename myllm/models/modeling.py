@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
@@ -32,6 +32,7 @@ from transformers.utils.output_capturing import capture_outputs, install_output_
 
 from myllm.blocks import registry
 from myllm.blocks.attention.base import Attention, rope_config, rope_signature
+from myllm.blocks.ffn.moe.router import init_router_state
 from myllm.blocks.norm import deepnorm_init_
 from myllm.models.configuration import MyLLMConfig
 
@@ -47,6 +48,8 @@ def post_norm_residual(x: torch.Tensor, norm: nn.Module, sublayer: Any, alpha: f
 
 
 RESIDUALS = {"pre": pre_norm_residual, "post": post_norm_residual}
+MASK_BUILDERS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+"""transformers' mask builder of each ``config.layer_types`` entry."""
 """Sub-layer wiring per norm ``placement`` capability."""
 
 
@@ -120,6 +123,7 @@ class MyLLMPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
+        init_router_state(module)
         if hasattr(module, "placement"):  # norm blocks, whatever their class name
             if getattr(module, "weight", None) is not None:
                 init.ones_(module.weight)
@@ -213,8 +217,8 @@ class MyLLMModel(MyLLMPreTrainedModel):
         """``input_ids [B, T]`` (or ``inputs_embeds [B, T, H]``) -> ``last_hidden_state [B, T, H]``.
 
         Args:
-            attention_mask: ``[B, Tk]`` with 1 for real tokens (padding anywhere, e.g. left padding), or a
-                prepared 4-D mask.
+            attention_mask: ``[B, Tk]`` with 1 for real tokens (padding anywhere, e.g. left padding), a prepared
+                4-D mask, or ``{layer type: 4-D mask}`` (see ``config.layer_types``).
             position_ids: ``[B, T]``; when missing they count the real tokens of a 2-D ``attention_mask``
                 (so a left-padded row gets the positions of its unpadded sequence), else ``past + 0..T-1``.
                 Positions restarting inside a row (packed documents), with no ``attention_mask`` and nothing
@@ -233,19 +237,23 @@ class MyLLMModel(MyLLMPreTrainedModel):
         # An empty growing cache sizes the mask exactly like no cache; passing none lets transformers detect
         # packed documents (restarting position_ids) even when forward was called with the default use_cache.
         empty_dynamic = cache is not None and not cache.is_compileable and cache.get_seq_length() == 0
-        mask = create_causal_mask(
+        mask_kwargs = dict(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             cache=None if empty_dynamic else cache,
             position_ids=position_ids,
         )
+        if isinstance(attention_mask, dict):  # prepared per layer type (transformers' generate with a static cache)
+            masks = attention_mask
+        else:
+            masks = {kind: MASK_BUILDERS[kind](**mask_kwargs) for kind in set(self.config.layer_types)}
         hidden_states = inputs_embeds
         shared = self.rotary_emb(hidden_states, position_ids)  # (cos, sin), each (B|1, T, D)
-        for layer in self.layers:
+        for layer, kind in zip(self.layers, self.config.layer_types, strict=True):
             hidden_states = layer(
                 hidden_states,
-                attention_mask=mask,
+                attention_mask=masks[kind],
                 position_ids=position_ids,
                 cache=cache,
                 use_cache=use_cache,
@@ -260,7 +268,7 @@ class MyLLMModel(MyLLMPreTrainedModel):
         inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None
     ) -> torch.LongTensor:
         q_len = inputs_embeds.shape[1]
-        if attention_mask is not None and attention_mask.dim() == 2:
+        if _is_2d(attention_mask):
             counted = attention_mask.long().cumsum(-1) - 1  # (B, Tk): index among the row's real tokens
             return counted.clamp_min(0)[:, -q_len:]
         past = cache.get_seq_length() if cache is not None else 0
@@ -277,6 +285,10 @@ class MyLLMForCausalLM(MyLLMPreTrainedModel, GenerationMixin):
         self.model = MyLLMModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.myllm_surgeries:  # e.g. added expert groups: rebuilt structurally, weights come from the checkpoint
+            from myllm.factory import recipe
+
+            recipe.replay(self)
         self.post_init()
 
     @classmethod

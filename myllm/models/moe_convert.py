@@ -36,6 +36,7 @@ from myllm.models.convert import (
     common_config_to_myllm,
     register_hf_converter,
     rename_keys,
+    sliding_window_to_hf,
 )
 from myllm.models.deepseek import deepseek_attention_config, deepseek_attention_spec
 
@@ -126,11 +127,11 @@ def _sdpa(**kwargs: Any) -> dict[str, Any]:
     return {"attention": {"name": "sdpa", **kwargs}}
 
 
-def _qwen_flags(c: MyLLMConfig, dense: list[int]) -> dict[str, Any]:
+def _qwen_flags(c: MyLLMConfig, dense: list[int], *, per_layer_windows: bool) -> dict[str, Any]:
     return {
         "mlp_only_layers": dense,
         "decoder_sparse_step": 1,
-        "use_sliding_window": False,
+        **sliding_window_to_hf(c, per_layer=per_layer_windows),  # Qwen2-MoE has layer_types, Qwen3-MoE not
         "output_router_logits": c.output_router_logits,
     }
 
@@ -138,7 +139,8 @@ def _qwen_flags(c: MyLLMConfig, dense: list[int]) -> dict[str, Any]:
 def _mixtral_flags(c: MyLLMConfig, dense: list[int]) -> dict[str, Any]:
     if dense:
         raise ValueError(f"cannot export to mixtral: layers {dense} have a dense FFN, Mixtral has only MoE layers")
-    return {"sliding_window": None, "output_router_logits": c.output_router_logits}
+    window = c.sliding_window if c.has_sliding_layers else None  # every layer or none (checked on export)
+    return {"sliding_window": window, "output_router_logits": c.output_router_logits}
 
 
 def _deepseek_moe_layers(hf: PreTrainedConfig) -> list[bool]:
@@ -170,7 +172,10 @@ register_hf_converter(
         "Qwen2MoeConfig",
         moe_layers=_qwen_moe_layers,
         attention=lambda hf: _sdpa(qkv_bias=hf.qkv_bias),
-        hf_flags=lambda c, dense: {**_qwen_flags(c, dense), "qkv_bias": c.attention.get("qkv_bias", False)},
+        hf_flags=lambda c, dense: {
+            **_qwen_flags(c, dense, per_layer_windows=True),
+            "qkv_bias": c.attention.get("qkv_bias", False),
+        },
         renames=[(".mlp.shared_expert.", ".mlp.shared_experts.")],
     ),
 )
@@ -182,7 +187,10 @@ register_hf_converter(
         "Qwen3MoeConfig",
         moe_layers=_qwen_moe_layers,
         attention=lambda hf: _sdpa(qkv_bias=hf.attention_bias, o_bias=hf.attention_bias, qk_norm=True),
-        hf_flags=lambda c, dense: {**_qwen_flags(c, dense), "attention_bias": c.attention.get("qkv_bias", False)},
+        hf_flags=lambda c, dense: {
+            **_qwen_flags(c, dense, per_layer_windows=False),
+            "attention_bias": c.attention.get("qkv_bias", False),
+        },
     ),
 )
 register_hf_converter(

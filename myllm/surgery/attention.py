@@ -90,7 +90,7 @@ def _rope(module: nn.Module) -> tuple[dict[str, Any] | None, int]:
     return (dict(params) if params else None), int(getattr(config, "max_position_embeddings", None) or 4096)
 
 
-def _sliding_window(module: nn.Module) -> int | None:
+def sliding_window_of(module: nn.Module) -> int | None:
     """The module's own window (Qwen2/Qwen3 set it per layer), else its config's (Mistral reads it there)."""
     if hasattr(module, "sliding_window"):
         return module.sliding_window
@@ -139,7 +139,7 @@ def read_attention(module: nn.Module) -> AttentionSpec:
         norm_eps=_norm_eps(module.q_norm) if qk_norm else 1e-6,
         scaling=float(getattr(module, "scaling", head_dim**-0.5)),
         layer_idx=int(getattr(module, "layer_idx", 0) or 0),
-        sliding_window=_sliding_window(module),
+        sliding_window=sliding_window_of(module),
         dropout=float(getattr(module, "attention_dropout", 0.0) or 0.0),
         rope_parameters=rope_parameters,
         max_position_embeddings=max_positions,

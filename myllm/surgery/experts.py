@@ -2,7 +2,8 @@
 
 :func:`grow_experts` / :func:`grow_rows` are the pure transforms (fused layout in, fused layout out);
 :func:`add_experts` applies them to the MoE blocks of a live model (HF ``qwen2_moe``, ``qwen3_moe``,
-``mixtral``, ``deepseek_v3`` blocks and myllm ``moe`` blocks), atomically, and records the change.
+``mixtral``, ``deepseek_v3`` blocks and myllm ``moe`` blocks, in HF models or in MyLLM models), atomically, and
+records the change (``config.myllm_surgeries``; replayed when the model is rebuilt, so it saves and loads).
 
 Why the model's outputs are unchanged at insertion and the new experts still learn: see
 :mod:`myllm.surgery.routing` (old experts keep their exact routing; new experts form a separately routed
@@ -210,12 +211,7 @@ def add_experts(
     if init not in GROW_INITS:
         raise ValueError(f"unknown init {init!r} for new experts; valid: {', '.join(GROW_INITS)}")
     check_model_state(model)
-    if getattr(type(model.config), "model_type", None) == "myllm":
-        raise ValueError(
-            "add_experts on MyLLM models is not supported yet: MyLLM rebuilds its blocks from config specs, "
-            "which cannot express added expert groups"
-        )
-    recipe.check_promotable(model)
+    recipe.check_promotable(model)  # MyLLM models record the entry in config.myllm_surgeries, replayed on load
     _, all_targets = slot_targets(model, "ffn", None)
     moe_paths = [t.path for t in all_targets if moe_parts(t.module) is not None]
     if layers is None:
@@ -264,6 +260,35 @@ def add_experts(
         journal.rollback()
         raise
     return model
+
+
+def freeze_recorded_experts(model: nn.Module) -> dict[str, int]:
+    """Freeze again the experts that recorded ``add_experts(..., freeze_existing=True)`` calls froze.
+
+    Row freezing lives on the live parameters and is not saved (see :mod:`myllm.surgery.freeze`); a grown
+    model loaded from disk calls this before training so its old experts stay frozen. Each entry froze the
+    rows that existed before it (the original experts and earlier groups).
+
+    Returns:
+        ``{MoE block path: number of frozen expert rows}`` (empty when nothing was recorded frozen).
+    """
+    entries = [e for e in recipe.surgeries(model.config) if e.get("op") == "add_experts"]
+    added: dict[str, int] = {}
+    for entry in entries:
+        for path in entry["targets"]:
+            added[path] = added.get(path, 0) + entry["n_new"]
+    grown_so_far = dict.fromkeys(added, 0)
+    frozen: dict[str, int] = {}
+    for entry in entries:
+        for path in entry["targets"]:
+            experts, _, router, _ = moe_parts(target_at(model, path).module)
+            n_old = experts.gate_up_proj.shape[0] - added[path] + grown_so_far[path]
+            grown_so_far[path] += entry["n_new"]
+            if entry.get("freeze_existing", True):
+                for p in (experts.gate_up_proj, router.weight, experts.down_proj):
+                    freezing.freeze_rows(p, range(n_old))
+                frozen[path] = max(frozen.get(path, 0), n_old)
+    return frozen
 
 
 @recipe.recipe_op("add_experts")

@@ -14,7 +14,9 @@ tensors (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``, router ``weight [
 Together the frozen rows stay bit-identical under every ``torch.optim`` optimizer while the other rows train
 normally (with their weight decay). The step hooks are torch's global optimizer hooks, installed the first
 time a row is frozen; they only act on parameters carrying a row mask. The copy costs the frozen rows'
-memory for the duration of a step. Freezing state is not saved with the model (like ``requires_grad``).
+memory for the duration of a step. Freezing state is not saved with the model (like ``requires_grad``);
+:func:`myllm.surgery.freeze_recorded_experts` re-applies what ``add_experts`` recorded, and the training loop
+(``myllm train``) calls it when it loads a model.
 DeepSpeed's optimizers keep their own fp32 master weights and are not covered: freeze whole parameters
 there, or mask inside the engine.
 """

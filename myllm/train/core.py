@@ -30,6 +30,8 @@ from torch import nn
 from myllm.blocks.ffn.moe import expert_load, update_router_bias
 from myllm.blocks.ffn.moe.balance import max_vio
 from myllm.data import WindowSource, load_tokenizer
+from myllm.factory.recipe import surgeries
+from myllm.surgery.experts import freeze_recorded_experts
 from myllm.train import checkpoint as ckpt_io
 from myllm.train.config import RunConfig, load_config
 from myllm.train.data import build_source, collate, pad_id
@@ -92,10 +94,19 @@ class Trainer:
         callbacks: called as ``callback(trainer)`` after every optimizer step.
         source: a ready :class:`~myllm.data.source.WindowSource` (e.g. ``myllm.data.source_from_dataset`` for a
             ``datasets.Dataset``) used instead of ``cfg.data``'s files; it must serve this process's rank.
+        model: a ready causal LM trained (in place) instead of loading ``cfg.model``, which still names the
+            tokenizer: e.g. one just changed by ``myllm.factory.replace`` or ``myllm.surgery.add_experts``, whose
+            frozen expert rows are not saved with a checkpoint. Not with a partitioning engine (ZeRO-3), which
+            must build the model itself.
     """
 
     def __init__(
-        self, cfg: RunConfig, *, callbacks: Sequence[Callback] = (), source: WindowSource | None = None
+        self,
+        cfg: RunConfig,
+        *,
+        callbacks: Sequence[Callback] = (),
+        source: WindowSource | None = None,
+        model: nn.Module | None = None,
     ) -> None:
         self.cfg, self.callbacks = cfg, list(callbacks)
         self.output_dir = Path(cfg.output_dir)
@@ -104,13 +115,18 @@ class Trainer:
         self.engine = build_engine(cfg)
         self.rank, self.world_size = self.engine.rank, self.engine.world_size
         try:
-            self._build(source)
+            self._build(source, model)
         except BaseException:
             self.engine.close()  # e.g. stop ZeRO-3 partitioning models built later in this process
             raise
 
-    def _build(self, source: WindowSource | None) -> None:
+    def _build(self, source: WindowSource | None, given: nn.Module | None) -> None:
         cfg = self.cfg
+        if given is not None and self.engine.partitioned:
+            raise ValueError(
+                "a ready model cannot be trained with ZeRO-3 (the engine builds the model partitioned itself); "
+                "save it and give its directory as model.path, or use ZeRO stage 0-2"
+            )
         # cheap checks first: tokenizer and data
         self.tokenizer = load_tokenizer(cfg.model.tokenizer_path())
         self.pad_id = pad_id(self.tokenizer)
@@ -125,7 +141,15 @@ class Trainer:
         attn = "eager" if distill and cfg.objective.attention_layers else None  # attention maps need eager
         teacher = load_model(cfg.objective.teacher, seed=cfg.train.seed, attn_implementation=attn) if distill else None
         self.engine.before_model_load()
-        model = load_model(cfg.model, seed=cfg.train.seed, attn_implementation=attn)
+        self.frozen_experts: dict[str, int] = {}  # MoE block path -> expert rows kept frozen
+        if given is None:
+            model = load_model(cfg.model, seed=cfg.train.seed, attn_implementation=attn)
+            if cfg.lora is None:  # (LoRA freezes the whole base model anyway)
+                self.frozen_experts = self._refreeze_added_experts(model)
+        else:
+            model = given
+            if attn is not None:
+                model.set_attn_implementation(attn)
         if len(self.tokenizer) > vocab_size(model):
             raise ValueError(
                 f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary is {vocab_size(model)}"
@@ -155,6 +179,17 @@ class Trainer:
         self.metrics.truncate_after(self.step)
         self._windows: Iterator = iter(self.source)
         self.finished = False
+
+    def _refreeze_added_experts(self, model: nn.Module) -> dict[str, int]:
+        """Old experts that ``add_experts(freeze_existing=True)`` froze stay frozen (row freezing is not saved)."""
+        recorded = [e for e in surgeries(model.config) if e.get("op") == "add_experts" and e.get("freeze_existing")]
+        if recorded and self.cfg.engine.kind != "torch":
+            raise ValueError(
+                "this model holds experts added with freeze_existing=True; their row freezing works with torch "
+                "optimizers only (DeepSpeed keeps its own master weights). Train it with engine.kind: torch, or "
+                "with LoRA"
+            )
+        return freeze_recorded_experts(model)
 
     # ----------------------------------------------------------------------------------------------- resume
     def _resume_target(self) -> Path | None:

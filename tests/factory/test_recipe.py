@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import transformers
-from utils import TINY_CONFIGS, assert_close, tiny_hf_model, tokens
+from utils import TINY_CONFIGS, assert_close, tiny_hf_config, tiny_hf_model, tokens
 
 import myllm  # noqa: F401
 from myllm.factory import RecipeError, replace
@@ -47,7 +47,7 @@ def test_round_trip_same_structure_logits_and_keys(arch, tmp_path):
     model.save_pretrained(tmp_path)
 
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["model_type"] == f"myllm_{arch}"
+    assert cfg["model_type"] == f"myllm_{tiny_hf_config(arch).model_type}"
     assert cfg["architectures"] == [f"Myllm{type(tiny_hf_model(arch)).__name__}"]
     assert [e["op"] for e in cfg["myllm_surgeries"]] == [e["op"] for e in model.config.myllm_surgeries]
 

@@ -1,5 +1,5 @@
 """Parity with real Hugging Face models: ``MyLLMForCausalLM.from_hf`` of Llama, Mistral, Qwen2 (q/k/v bias) and
-Qwen3 (q/k norm) gives the HF logits (max abs diff <= 1e-5, float32) and greedy continuations, in eager and sdpa,
+Qwen3 (q/k norm), and Mistral / Qwen2 with sliding-window layers, gives the HF logits (max abs diff <= 1e-5, float32) and greedy continuations, in eager and sdpa,
 without and with a cache, with left padding; each check is paired with a perturbed weight it must detect.
 ``to_hf`` exports back exactly, and refuses what the target cannot express."""
 
@@ -9,52 +9,24 @@ import copy
 
 import pytest
 import torch
-from utils import left_pad_positions, max_abs_diff, tiny_hf_config, tiny_hf_model, tiny_myllm
+from utils import hf_parity as _parity
+from utils import parity_inputs as _inputs
+from utils import tiny_hf_model, tiny_myllm
 
 from myllm import MyLLMForCausalLM
-from myllm.models.convert import HF_CONVERTERS, HFConverter, get_hf_converter, register_hf_converter
+from myllm.models.convert import HF_CONVERTERS, HFConverter, register_hf_converter
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "mistral_swa", "qwen2_swa"]  # *_swa: window 3 < 8 tokens
 # a weight whose change the parity checks must see, chosen where each architecture differs
 PERTURB = {
     "llama": "model.layers.1.post_attention_layernorm.weight",
     "mistral": "model.layers.0.mlp.up_proj.weight",
     "qwen2": "model.layers.1.self_attn.k_proj.bias",
     "qwen3": "model.layers.1.self_attn.k_norm.weight",
+    "mistral_swa": "model.layers.1.self_attn.v_proj.weight",
+    "qwen2_swa": "model.layers.1.self_attn.q_proj.bias",
 }
 TOL = 1e-5
-
-
-def _inputs():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 128, (2, 8), generator=g)
-    mask = torch.ones_like(x)
-    mask[1, :3] = 0  # left padding
-    return x, mask
-
-
-def _parity(hf, ours) -> dict[str, float]:
-    """Max abs logit difference in three settings (real tokens only where there is padding)."""
-    x, mask = _inputs()
-    pos = left_pad_positions(mask)
-    real = mask.bool()
-    with torch.no_grad():
-        full = max_abs_diff(ours(x).logits, hf(x).logits)
-        padded = max_abs_diff(
-            ours(x, attention_mask=mask, position_ids=pos).logits[real],
-            hf(x, attention_mask=mask, position_ids=pos).logits[real],
-        )
-        # incremental decoding: prefill 5 tokens, then one token at a time through the cache
-        c_ours = c_hf = None
-        cached = 0.0
-        for start, stop in [(0, 5), (5, 6), (6, 7), (7, 8)]:
-            kw = dict(attention_mask=mask[:, :stop], position_ids=pos[:, start:stop], use_cache=True)
-            a = ours(x[:, start:stop], cache=c_ours, **kw)
-            b = hf(x[:, start:stop], cache=c_hf, **kw)
-            c_ours, c_hf = a.cache, b.cache
-            rows = real[:, start:stop]
-            cached = max(cached, max_abs_diff(a.logits[rows], b.logits[rows]))
-    return {"full": full, "left padding": padded, "cache": cached}
 
 
 @pytest.fixture(params=[(a, i) for a in ARCHS for i in ("eager", "sdpa")], ids=lambda p: f"{p[0]}-{p[1]}")
@@ -66,7 +38,7 @@ def pair(request):
 
 def test_imported_model_matches_hf_logits(pair):
     arch, impl, hf, ours = pair
-    assert ours.config._attn_implementation == impl and ours.config.source_model_type == arch
+    assert ours.config._attn_implementation == impl and ours.config.source_model_type == arch.removesuffix("_swa")
     assert ours.model.layers[0].self_attn.mask_implementation == impl or impl == "sdpa"
     diffs = _parity(hf, ours)
     assert max(diffs.values()) <= TOL, diffs
@@ -127,8 +99,6 @@ def test_import_errors_are_clear():
     unknown.config.model_type = "not_a_known_arch"  # (qwen2_moe, the example here before, is now supported)
     with pytest.raises(ValueError, match=r"no MyLLM converter for model_type 'not_a_known_arch'; supported: .*llama"):
         MyLLMForCausalLM.from_hf(unknown)
-    with pytest.raises(ValueError, match="sliding-window attention"):
-        get_hf_converter("mistral").config_to_myllm(tiny_hf_config("mistral", sliding_window=4))
     with pytest.raises(ValueError, match="already registered"):
         register_hf_converter("llama", HF_CONVERTERS["llama"])
 

@@ -105,6 +105,7 @@ class Attention(nn.Module, abc.ABC):
     is_causal = True
     supports_kv_cache = True
     mask_implementation = "sdpa"
+    takes_sliding_window_mask = True  # whether the block honours transformers' sliding-window masks
 
     def __init__(
         self,

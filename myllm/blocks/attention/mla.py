@@ -133,6 +133,7 @@ class MLAttention(Attention):
     # Capability read by the factory: converting trained attention decides this block's sizes (latent layout,
     # RoPE pairs) from the weights, so its keywords are completed by the weight mover before validation.
     kwargs_from_weights = True
+    takes_sliding_window_mask = False  # the latent cache and absorbed decoding are not built for window masks
 
     def __init__(
         self,

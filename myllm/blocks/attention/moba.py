@@ -55,6 +55,8 @@ def _example() -> dict:
 class MobaAttention(Attention):
     """GQA attention with the MoBA kernel; ``chunk_size`` and ``top_k`` are per module."""
 
+    takes_sliding_window_mask = False  # block selection assumes each query's keys are one causal run
+
     def __init__(self, *, chunk_size: int, top_k: int, kernel: str = "sparse", **kwargs: Any) -> None:
         config = MobaConfig(chunk_size=chunk_size, top_k=top_k, kernel=kernel, **kwargs)  # validate
         super().__init__(**kwargs)

@@ -110,6 +110,12 @@ class RoutedExperts(nn.Module):
         self.records.append(RouteRecord(router, route, plan.counts.detach().clone(), router.training))
         return y
 
+    def __getstate__(self) -> dict:
+        """Pickling and ``copy.deepcopy`` leave out the last forward's routing (graph tensors cannot be copied)."""
+        state = dict(super().__getstate__())
+        state["records"] = []
+        return state
+
     def _start(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Flatten ``[..., H]`` to ``[N, H]`` and forget the previous forward's routing."""
         if hidden_states.shape[-1] != self.hidden_size:

@@ -149,3 +149,15 @@ class Router(nn.Module):
         load = (self.load_since_update if load is None else load).float()
         self.e_score_correction_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
         self.load_since_update.zero_()
+
+
+@torch.no_grad()
+def init_router_state(module: nn.Module) -> None:
+    """Zero a :class:`Router`'s load counter ``load_since_update``; a no-op for any other module.
+
+    For a model's ``_init_weights``: ``from_pretrained`` (transformers v5) materialises non-persistent buffers
+    with ``torch.empty`` (whatever memory held) and leaves their initialisation to ``_init_weights``; a counter
+    left so would make the first aux-loss-free bias update after loading random.
+    """
+    if isinstance(module, Router):
+        module.load_since_update.zero_()
