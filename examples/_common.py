@@ -22,7 +22,7 @@ _REPO = Path(__file__).resolve().parents[1]
 if (_REPO / "myllm").is_dir() and str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
-from myllm.data import build_corpus, load_tokenizer, train_tokenizer  # noqa: E402
+from myllm.data import build_corpus, load_tokenizer, tokenize_to_shards, train_tokenizer  # noqa: E402
 from myllm.data.corpus import stdlib_root, stdlib_source_files  # noqa: E402
 from myllm.train.data import IGNORE, chat_examples, collate, pad_id  # noqa: E402
 
@@ -49,9 +49,11 @@ def parse_args(description: str, *, default_out: str, base: bool = False) -> arg
 
 @dataclass
 class Data:
-    """Paths of the example data: JSONL splits (``{"text": ...}``), chat JSONL, and a tokenizer directory."""
+    """Paths of the example data: JSONL splits (``{"text": ...}``), the training split tokenised into shards
+    (``myllm.data.tokenize_to_shards``: what pretraining reads), chat JSONL, and a tokenizer directory."""
 
     train: Path
+    shards: Path
     heldout: Path
     tokenizer: Path
     chat_train: Path
@@ -72,7 +74,9 @@ def prepare_data(out: Path, *, quick: bool, vocab_size: int | None = None) -> Da
         build_corpus(data, root=root, heldout_fraction=0.1)
         train_tokenizer([train], tok_dir, vocab_size=vocab_size or (384 if quick else 2048))
         write_chat_data(chat_train, chat_heldout, packages=("email", "json") if quick else None)
-    return Data(train, heldout, tok_dir, chat_train, chat_heldout)
+    shards = data / "shards"  # tokenised once; a rerun of the same plan finds the shards done
+    tokenize_to_shards([train], shards, tok_dir, progress=False)
+    return Data(train, shards, heldout, tok_dir, chat_train, chat_heldout)
 
 
 def qa_pairs(packages: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
@@ -139,15 +143,25 @@ def heldout_texts(data: Data, quick: bool) -> list[str]:
 
 
 def run_config(
-    out: Path, data: Data, *, quick: bool, model: dict, steps: int, lr: float = 3e-3, seq_len: int | None = None
+    out: Path,
+    data: Data,
+    *,
+    quick: bool,
+    model: dict,
+    steps: int,
+    lr: float = 3e-3,
+    seq_len: int | None = None,
+    shards: bool = False,
 ) -> dict:
     """A run-config dict (``myllm.train``) with the examples' shared settings: CPU, cosine schedule with warmup,
-    text data from ``data``, no progress bar in the quick form. Sections are plain dicts, so a script updates
-    them before ``parse_config``/``train``."""
+    text data from ``data`` (``shards``: the pre-tokenised shards, for models that use the examples' tokenizer;
+    else the JSONL, tokenised by the model's own tokenizer), no progress bar in the quick form. Sections are plain
+    dicts, so a script updates them before ``parse_config``/``train``."""
+    text = {"kind": "shards", "path": str(data.shards)} if shards else {"kind": "jsonl", "path": str(data.train)}
     return {
         "output_dir": str(out),
         "model": model,
-        "data": {"path": str(data.train), "seq_len": seq_len or (64 if quick else 128)},
+        "data": {**text, "seq_len": seq_len or (64 if quick else 128)},
         "optimizer": {"lr": lr, "weight_decay": 0.1},
         "schedule": {"kind": "cosine", "warmup_steps": max(1, steps // 10), "min_lr_ratio": 0.1},
         "engine": {"kind": "torch", "device": "cpu"},
@@ -169,7 +183,7 @@ def pretrained_base(args: argparse.Namespace, data: Data) -> Path:
     model = {"config": myllm_config(vocab, quick=args.quick), "tokenizer": str(data.tokenizer)}
     steps = 40 if args.quick else 300
     print(f"pretraining a base model first ({steps} steps; pass --base DIR to use your own)")
-    result = train(parse_config(run_config(out, data, quick=args.quick, model=model, steps=steps)))
+    result = train(parse_config(run_config(out, data, quick=args.quick, model=model, steps=steps, shards=True)))
     return result.final_dir
 
 

@@ -75,7 +75,8 @@ def main() -> None:
         model_spec = {"config": qwen3_moe_config(vocab, quick=args.quick), "tokenizer": str(data.tokenizer)}
         steps = 40 if args.quick else 300
         print(f"pretraining a Qwen3-MoE base ({steps} steps)")
-        train(parse_config(run_config(out / "base", data, quick=args.quick, model=model_spec, steps=steps)))
+        cfg = run_config(out / "base", data, quick=args.quick, model=model_spec, steps=steps, shards=True)
+        train(parse_config(cfg))
 
     # 2. insert experts: outputs unchanged, old experts frozen
     model, tokenizer = load_model_and_tokenizer(base_dir)

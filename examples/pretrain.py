@@ -36,7 +36,7 @@ def main() -> None:
     run = {
         "output_dir": ".",
         "model": {"config": myllm_config(vocab, quick=args.quick), "tokenizer": "data/tokenizer"},
-        "data": {"kind": "jsonl", "path": "data/train.jsonl", "seq_len": seq_len},  # packed text windows
+        "data": {"kind": "shards", "path": "data/shards", "seq_len": seq_len},  # packed windows of token shards
         "objective": {"kind": "pretrain"},
         "optimizer": {"lr": 3e-3, "weight_decay": 0.1},
         "schedule": {"kind": "cosine", "warmup_steps": steps // 10, "min_lr_ratio": 0.1},

@@ -2,7 +2,7 @@
 
     python examples/deepspeed/prepare.py --out runs/examples/deepspeed [--quick]
 
-Builds the stdlib corpus and tokenizer under ``OUT/data`` (once; reused after) and prints one ``--set`` option
+Builds the stdlib corpus, tokenizer and token shards under ``OUT/data`` (once; reused after) and prints one ``--set`` option
 and its value per line (launch.sh passes them on). ``--quick`` adds the overrides of the CPU test: a tiny model,
 3 steps, no checkpoints. Progress messages go to stderr.
 """
@@ -42,7 +42,7 @@ def overrides(out: Path, *, quick: bool) -> dict[str, object]:
         data = prepare_data(out, quick=quick)
     return {
         "output_dir": out,
-        "data.path": data.train,
+        "data.path": data.shards,
         "model.tokenizer": data.tokenizer,
         "model.config.vocab_size": len(load_tokenizer(data.tokenizer)),
         **(QUICK if quick else {}),
