@@ -428,7 +428,7 @@ def main() -> None:
     p.add_argument(
         "--reuse-dense",
         action="store_true",
-        help="reuse the dense model a previous run with the same sizes left in OUT/work/dense (skips pretraining)",
+        help="reuse the dense model a previous run with the same sizes left in OUT (its work/dense folder; skips pretraining)",
     )
     args = p.parse_args()
     s = QUICK if args.quick else FULL

@@ -93,9 +93,9 @@ def _write_atomically(model, src: str, out: str, overwrite: bool) -> None:
                 and not name.endswith((".safetensors", ".bin", ".index.json"))
             ):
                 shutil.copy2(path, os.path.join(tmp, name))
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        from myllm.data.io import replace_dir
+
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

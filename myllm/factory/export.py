@@ -158,9 +158,9 @@ def export(model: nn.Module, out_dir: str | os.PathLike) -> str:
     tmp = tempfile.mkdtemp(prefix=".myllm-export-", dir=parent)
     try:
         native.save_pretrained(tmp)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        from myllm.data.io import replace_dir  # (the data package is not needed before a write)
+
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -30,6 +30,7 @@ from torch import nn
 from myllm.blocks.ffn.moe import expert_load, update_router_bias
 from myllm.blocks.ffn.moe.balance import max_vio
 from myllm.data import WindowSource, load_tokenizer
+from myllm.data.io import replace_dir
 from myllm.factory.recipe import surgeries
 from myllm.surgery.experts import freeze_recorded_experts
 from myllm.train import checkpoint as ckpt_io
@@ -390,8 +391,7 @@ class Trainer:
             for tmp, dst, attr in ((tmp_final, final, "final_dir"), (tmp_adapter, adapter, "adapter_dir")):
                 if tmp.is_dir():
                     self.tokenizer.save_pretrained(tmp)
-                    shutil.rmtree(dst, ignore_errors=True)
-                    tmp.rename(dst)
+                    replace_dir(tmp, dst)
                     setattr(result, attr, dst)
         self.engine.barrier()
         return result

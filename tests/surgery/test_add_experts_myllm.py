@@ -19,6 +19,16 @@ def _moe_model(**ffn):
     return tiny_myllm(num_hidden_layers=3, ffn={**MOE, **ffn}, layer_overrides={"0": {"ffn": "dense"}})
 
 
+def _train(model, steps=3):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model.train()
+    ids = tokens(2, 9, seed=5)
+    for _ in range(steps):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
 def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -54,13 +64,7 @@ def test_new_experts_learn_and_old_ones_stay_bit_identical_under_adamw():
     experts, _, router, _ = moe_parts(model.model.layers[2].mlp)
     tensors = (experts.gate_up_proj, experts.down_proj, router.weight)
     before = [t.detach().clone() for t in tensors]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    model.train()
-    ids = tokens(2, 9, seed=4)
-    for _ in range(3):
-        model(ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    _train(model)
     for t, b in zip(tensors, before, strict=True):
         assert torch.equal(t[:4], b[:4])
         assert not torch.equal(t[4:], b[4:])
@@ -81,16 +85,6 @@ def test_bad_requests_leave_the_model_unchanged():
     replace(model, "ffn", "dense", layers=[0])  # other layers can still change
     with pytest.raises(ValueError, match="recorded surgeries"):
         model.to_hf("qwen2_moe")
-
-
-def _train(model, steps=3):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    model.train()
-    ids = tokens(2, 9, seed=5)
-    for _ in range(steps):
-        model(ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
 
 
 @pytest.mark.parametrize("refreeze", [True, False])
