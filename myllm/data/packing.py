@@ -109,7 +109,9 @@ class MixtureCursor:
         if self.weights.size == 1:
             return 0
         deficit = self.weights * (self.step + 1) - np.asarray(self.counts, dtype=np.float64)
-        return int(np.argmax(deficit))
+        # ties (exact in real numbers, e.g. weights 9 : 9 : 3.6) must not depend on float rounding, which differs
+        # between weights normalised once or twice (a resumed vs a copied cursor): lowest index within 1e-9
+        return int(np.flatnonzero(deficit >= deficit.max() - 1e-9)[0])
 
     def advance(self, steps: int = 1) -> None:
         """Move forward ``steps`` global steps."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from myllm.data.packing import IGNORE_INDEX, MixtureCursor, Permutation, pack_window
@@ -59,6 +59,7 @@ def test_permutation_shuffles_and_depends_on_key():
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.floats(0.01, 10.0), min_size=1, max_size=5), st.integers(1, 400))
+@example(weights=[9.0, 9.0, 3.6], steps=1)  # exact ties that float rounding once broke differently on resume
 def test_mixture_counts_track_weights(weights, steps):
     cur = MixtureCursor(weights)
     w = np.asarray(weights) / sum(weights)
